@@ -1,0 +1,481 @@
+//! A small typed client for the Consul agent HTTP API, on hyper 1.x.
+//!
+//! It speaks the subset in `consul-api.md`: registration, TTL updates, maintenance, health and
+//! catalog reads (blocking), members, self and leader. Every call has a deadline; blocking
+//! calls get `wait + wait/16` (Consul's jitter) plus a margin, so a healthy long poll never
+//! times out on our side first.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+use crate::wire::{
+    AgentService, AgentSelf, CheckUpdate, HealthCheck, Member, ServiceEntry, ServiceRegistration,
+};
+
+/// Default agent address, as for every Consul tool.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8500";
+/// Deadline of a non-blocking call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Added to `wait + wait/16` for blocking calls: time for the answer itself to travel.
+const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
+/// Consul's own default when a blocking query names no `wait`.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// The largest answer we accept; a catalog of tens of thousands of services fits easily.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// Unreserved characters (RFC 3986) stay as they are; everything else is percent-encoded.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn enc(s: &str) -> String {
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// Where the agent is and how to authenticate; built from the environment like every Consul
+/// tool, and overridable in code.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port`, without a trailing slash.
+    pub base_url: String,
+    /// Sent as `X-Consul-Token` when set.
+    pub token: Option<String>,
+    /// Deadline of non-blocking calls.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    /// An agent at `addr` (`host:port` or `http://host:port`), no token.
+    pub fn new(addr: &str) -> Result<Self, Error> {
+        Ok(Self {
+            base_url: normalize_addr(addr)?,
+            token: None,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// `CONSUL_HTTP_ADDR` (default `127.0.0.1:8500`), `CONSUL_HTTP_TOKEN`, else the file named
+    /// by `CONSUL_HTTP_TOKEN_FILE`.
+    pub fn from_env() -> Result<Self, Error> {
+        let addr = std::env::var("CONSUL_HTTP_ADDR")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+        let mut cfg = Self::new(&addr)?;
+        cfg.token = token_from_env()?;
+        Ok(cfg)
+    }
+
+    /// Replaces the token.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+}
+
+/// `CONSUL_HTTP_TOKEN`, else the contents of `CONSUL_HTTP_TOKEN_FILE`.
+pub fn token_from_env() -> Result<Option<String>, Error> {
+    if let Ok(t) = std::env::var("CONSUL_HTTP_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_string()));
+        }
+    }
+    if let Ok(path) = std::env::var("CONSUL_HTTP_TOKEN_FILE") {
+        if !path.is_empty() {
+            let t = std::fs::read_to_string(&path)
+                .map_err(|e| Error::Config(format!("reading CONSUL_HTTP_TOKEN_FILE {path}: {e}")))?;
+            let t = t.trim();
+            if !t.is_empty() {
+                return Ok(Some(t.to_string()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `host:port` or `http://host:port[/]` → `http://host:port`.
+fn normalize_addr(addr: &str) -> Result<String, Error> {
+    let addr = addr.trim().trim_end_matches('/');
+    let rest = if let Some(rest) = addr.strip_prefix("http://") {
+        rest
+    } else if addr.starts_with("https://") {
+        return Err(Error::Config(format!(
+            "{addr}: https is not supported; point CONSUL_HTTP_ADDR at the local agent's plain HTTP port"
+        )));
+    } else if addr.contains("://") {
+        return Err(Error::Config(format!("{addr}: unsupported scheme")));
+    } else {
+        addr
+    };
+    if rest.is_empty() || rest.contains('/') {
+        return Err(Error::Config(format!("{addr:?} is not host:port")));
+    }
+    let url = format!("http://{rest}");
+    url.parse::<http::Uri>()
+        .map_err(|e| Error::Config(format!("{addr:?}: {e}")))?;
+    Ok(url)
+}
+
+/// Metadata of a read: Consul's `X-Consul-*` headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryMeta {
+    /// `X-Consul-Index`; 0 when the header was missing.
+    pub index: u64,
+    /// `X-Consul-KnownLeader`.
+    pub known_leader: bool,
+    /// `X-Consul-LastContact`, in milliseconds.
+    pub last_contact_ms: u64,
+}
+
+/// Options of `GET /v1/health/service/:name`.
+#[derive(Debug, Clone, Default)]
+pub struct HealthQuery {
+    /// Only instances whose every check passes.
+    pub passing: bool,
+    /// Instances must carry all of these tags.
+    pub tags: Vec<String>,
+    /// Blocking index; 0 for an immediate answer.
+    pub index: u64,
+    /// Longest time to block; Consul's default (5 min) when `None`.
+    pub wait: Option<Duration>,
+}
+
+/// A typed Consul agent client. Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub struct Client {
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.config.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Client {
+    /// A client for the agent described by `config`.
+    pub fn new(config: ClientConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            http,
+            config: Arc::new(config),
+        }
+    }
+
+    /// A client configured from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN[_FILE]`.
+    pub fn from_env() -> Result<Self, Error> {
+        Ok(Self::new(ClientConfig::from_env()?))
+    }
+
+    /// The agent's base URL, for messages.
+    pub fn base_url(&self) -> &str {
+        &self.config.base_url
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Answer, Error> {
+        let uri = format!("{}{}", self.config.base_url, path_and_query);
+        let mut req = Request::builder().method(method).uri(&uri);
+        if let Some(token) = &self.config.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| Error::Config(format!("bad request URI {uri}: {e}")))?;
+        let fut = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| Error::Transport(Box::new(e)))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(Error::Transport)?
+                .to_bytes();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let answer = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
+        if answer.status != StatusCode::OK {
+            return Err(Error::Status {
+                status: answer.status.as_u16(),
+                body: String::from_utf8_lossy(&answer.body).into_owned(),
+            });
+        }
+        Ok(answer)
+    }
+
+    async fn write(&self, path_and_query: &str, body: Option<Vec<u8>>) -> Result<(), Error> {
+        self.call(Method::PUT, path_and_query, body, self.config.timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn read<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, Error> {
+        let a = self
+            .call(Method::GET, path_and_query, None, self.config.timeout)
+            .await?;
+        serde_json::from_slice(&a.body).map_err(Error::Decode)
+    }
+
+    /// A blocking read: adds `index`/`wait` and a deadline that outlasts Consul's jitter.
+    async fn blocking<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut query: String,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(T, QueryMeta), Error> {
+        let mut timeout = self.config.timeout;
+        if index > 0 {
+            let wait = wait.unwrap_or(DEFAULT_WAIT);
+            let _ = write!(query, "&index={index}&wait={}ms", wait.as_millis());
+            timeout = wait + wait / 16 + BLOCKING_MARGIN;
+        }
+        let pq = match query.strip_prefix('&') {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let a = self.call(Method::GET, &pq, None, timeout).await?;
+        let meta = query_meta(&a.headers);
+        let value = serde_json::from_slice(&a.body).map_err(Error::Decode)?;
+        Ok((value, meta))
+    }
+
+    /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent, so a
+    /// re-registration leaves exactly the checks it names.
+    pub async fn register(&self, reg: &ServiceRegistration) -> Result<(), Error> {
+        let body = serde_json::to_vec(reg).map_err(Error::Decode)?;
+        self.write(
+            "/v1/agent/service/register?replace-existing-checks=true",
+            Some(body),
+        )
+        .await
+    }
+
+    /// `PUT /v1/agent/service/deregister/:id`.
+    pub async fn deregister(&self, service_id: &str) -> Result<(), Error> {
+        self.write(
+            &format!("/v1/agent/service/deregister/{}", enc(service_id)),
+            None,
+        )
+        .await
+    }
+
+    /// `PUT /v1/agent/service/maintenance/:id?enable=..&reason=..`.
+    pub async fn maintenance(
+        &self,
+        service_id: &str,
+        enable: bool,
+        reason: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut pq = format!(
+            "/v1/agent/service/maintenance/{}?enable={enable}",
+            enc(service_id)
+        );
+        if let Some(r) = reason {
+            let _ = write!(pq, "&reason={}", enc(r));
+        }
+        self.write(&pq, None).await
+    }
+
+    /// `PUT /v1/agent/check/pass/:id?note=..`.
+    pub async fn check_pass(&self, check_id: &str, note: Option<&str>) -> Result<(), Error> {
+        self.ttl("pass", check_id, note).await
+    }
+
+    /// `PUT /v1/agent/check/warn/:id?note=..`.
+    pub async fn check_warn(&self, check_id: &str, note: Option<&str>) -> Result<(), Error> {
+        self.ttl("warn", check_id, note).await
+    }
+
+    /// `PUT /v1/agent/check/fail/:id?note=..`.
+    pub async fn check_fail(&self, check_id: &str, note: Option<&str>) -> Result<(), Error> {
+        self.ttl("fail", check_id, note).await
+    }
+
+    async fn ttl(&self, verb: &str, check_id: &str, note: Option<&str>) -> Result<(), Error> {
+        let mut pq = format!("/v1/agent/check/{verb}/{}", enc(check_id));
+        if let Some(n) = note {
+            let _ = write!(pq, "?note={}", enc(n));
+        }
+        self.write(&pq, None).await
+    }
+
+    /// `PUT /v1/agent/check/update/:id` with `{"Status", "Output"}`.
+    pub async fn check_update(
+        &self,
+        check_id: &str,
+        status: &str,
+        output: &str,
+    ) -> Result<(), Error> {
+        let body = serde_json::to_vec(&CheckUpdate {
+            status: status.to_string(),
+            output: output.to_string(),
+        })
+        .map_err(Error::Decode)?;
+        self.write(
+            &format!("/v1/agent/check/update/{}", enc(check_id)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `GET /v1/health/service/:name`, blocking when `q.index > 0`.
+    pub async fn health_service(
+        &self,
+        service: &str,
+        q: &HealthQuery,
+    ) -> Result<(Vec<ServiceEntry>, QueryMeta), Error> {
+        let mut query = String::new();
+        if q.passing {
+            query.push_str("&passing=1");
+        }
+        for t in &q.tags {
+            let _ = write!(query, "&tag={}", enc(t));
+        }
+        let path = format!("/v1/health/service/{}", enc(service));
+        self.blocking(&path, query, q.index, q.wait).await
+    }
+
+    /// `GET /v1/health/checks/:service`.
+    pub async fn health_checks(&self, service: &str) -> Result<Vec<HealthCheck>, Error> {
+        self.read(&format!("/v1/health/checks/{}", enc(service)))
+            .await
+    }
+
+    /// `GET /v1/catalog/services`: service name → tags, blocking when `index > 0`.
+    pub async fn catalog_services(
+        &self,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(std::collections::BTreeMap<String, Vec<String>>, QueryMeta), Error> {
+        self.blocking("/v1/catalog/services", String::new(), index, wait)
+            .await
+    }
+
+    /// `GET /v1/agent/service/:id`; `Ok(None)` when the agent does not know the ID (404), which
+    /// is how a worker notices that a restarted agent lost its registration.
+    pub async fn agent_service(&self, service_id: &str) -> Result<Option<AgentService>, Error> {
+        match self
+            .read(&format!("/v1/agent/service/{}", enc(service_id)))
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(Error::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/agent/services`: service ID → service.
+    pub async fn agent_services(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, AgentService>, Error> {
+        self.read("/v1/agent/services").await
+    }
+
+    /// `GET /v1/agent/checks`: check ID → check.
+    pub async fn agent_checks(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, HealthCheck>, Error> {
+        self.read("/v1/agent/checks").await
+    }
+
+    /// `GET /v1/agent/members`.
+    pub async fn members(&self) -> Result<Vec<Member>, Error> {
+        self.read("/v1/agent/members").await
+    }
+
+    /// `GET /v1/agent/self` (the `Config` and `Member` parts).
+    pub async fn agent_self(&self) -> Result<AgentSelf, Error> {
+        self.read("/v1/agent/self").await
+    }
+
+    /// `GET /v1/status/leader`: `ip:port` of the Raft leader, empty when there is none.
+    pub async fn status_leader(&self) -> Result<String, Error> {
+        self.read("/v1/status/leader").await
+    }
+}
+
+fn query_meta(headers: &HeaderMap) -> QueryMeta {
+    let num = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    QueryMeta {
+        index: num("X-Consul-Index").unwrap_or(0),
+        known_leader: headers
+            .get("X-Consul-KnownLeader")
+            .is_some_and(|v| v.as_bytes() == b"true"),
+        last_contact_ms: num("X-Consul-LastContact").unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_addresses() {
+        assert_eq!(
+            normalize_addr("127.0.0.1:8500").ok().as_deref(),
+            Some("http://127.0.0.1:8500")
+        );
+        assert_eq!(
+            normalize_addr("http://consul.local:8500/").ok().as_deref(),
+            Some("http://consul.local:8500")
+        );
+        assert!(normalize_addr("https://x:8501").is_err());
+        assert!(normalize_addr("").is_err());
+        assert!(normalize_addr("a:1/path").is_err());
+    }
+
+    #[test]
+    fn encodes_components() {
+        assert_eq!(enc("web#1 a/b"), "web%231%20a%2Fb");
+        assert_eq!(enc("a-b_c.d~e"), "a-b_c.d~e");
+    }
+}
