@@ -16,10 +16,6 @@ fn is_zero_u16(v: &u16) -> bool {
     *v == 0
 }
 
-fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
-}
-
 /// `Weights` of a service; Consul fills `{1, 1}` when a registration omits it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
