@@ -427,6 +427,11 @@ impl Client {
         self.read("/v1/agent/members").await
     }
 
+    /// `GET /v1/agent/members?wan`: the servers of every datacenter.
+    pub async fn members_wan(&self) -> Result<Vec<Member>, Error> {
+        self.read("/v1/agent/members?wan=1").await
+    }
+
     /// `GET /v1/agent/self` (the `Config` and `Member` parts).
     pub async fn agent_self(&self) -> Result<AgentSelf, Error> {
         self.read("/v1/agent/self").await

@@ -1,10 +1,39 @@
-//! The embedded Consul-compatible dev agent (`discovery agent --dev`). Being written.
+//! The embedded Consul-compatible dev agent (`discovery agent --dev`).
+//!
+//! A single node, in memory, standing where `consul agent -dev` would: workers register with
+//! it, the balancer watches it, and third-party Consul clients work against it unchanged on
+//! the API subset in `consul-api.md`. Anything multi-host runs on real Consul.
+//!
+//! # Layout
+//!
+//! - [`state`]: the node, services, checks and Consul's indexes, behind one mutex.
+//! - [`decode`]: strict, Go-compatible decoding of registration bodies.
+//! - [`http`]: routes, handlers, blocking queries, Consul's exact status codes and texts.
+//! - [`checks`]: HTTP/TCP/TTL check runners and the reaper.
+
+mod checks;
+mod decode;
+mod http;
+mod state;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use state::{AbortOnDrop, Probe, Store, CRITICAL};
+
+/// Consul's `check_reap_interval`.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(30);
+/// Consul's `check_deregister_interval_min`.
+pub const DEFAULT_DEREGISTER_MIN: Duration = Duration::from_secs(60);
+/// How long open connections get to finish when the agent stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings of the dev agent.
 #[derive(Debug, Clone)]
@@ -21,12 +50,213 @@ pub struct AgentConfig {
     pub deregister_min: Duration,
 }
 
-/// Serves the agent API on `listener` until `shutdown` completes.
+impl AgentConfig {
+    /// Consul's defaults for a node named `node_name` at `advertise`.
+    pub fn new(node_name: impl Into<String>, advertise: IpAddr) -> Self {
+        Self {
+            node_name: node_name.into(),
+            datacenter: "dc1".into(),
+            advertise,
+            reap_interval: DEFAULT_REAP_INTERVAL,
+            deregister_min: DEFAULT_DEREGISTER_MIN,
+        }
+    }
+}
+
+/// State shared by the HTTP handlers, check runners and the reaper.
+pub(crate) struct Shared {
+    pub(crate) config: AgentConfig,
+    store: Mutex<Store>,
+    /// The newest index; every real change sends it, waking blocking queries.
+    pub(crate) changes: watch::Sender<u64>,
+    /// Flips to true when the agent stops, so blocking queries answer at once.
+    pub(crate) stopping: watch::Sender<bool>,
+    pub(crate) probe_client: checks::ProbeClient,
+    pub(crate) started: Instant,
+}
+
+impl Shared {
+    fn new(config: AgentConfig) -> Self {
+        let node = state::NodeInfo {
+            id: random_uuid(),
+            name: config.node_name.clone(),
+            address: config.advertise.to_string(),
+            datacenter: config.datacenter.clone(),
+            meta: [
+                ("consul-network-segment", ""),
+                ("consul-version", state::CONSUL_VERSION),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        };
+        let store = Store::new(node);
+        let (changes, _) = watch::channel(store.index());
+        let (stopping, _) = watch::channel(false);
+        Self {
+            config,
+            store: Mutex::new(store),
+            changes,
+            stopping,
+            probe_client: checks::probe_client(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Locks the store. A panic while holding the lock cannot leave it half-updated in a way
+    /// that matters more than stopping the agent would, so a poisoned lock is used as is.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes blocking queries after a change.
+    pub(crate) fn notify(&self, store: &Store) {
+        self.changes.send_replace(store.index());
+    }
+
+    /// Starts the runners of newly stored checks and parks their handles in the rows.
+    pub(crate) fn start_runners(self: &Arc<Self>, runners: Vec<(String, u64, Probe)>) {
+        let mut store = self.lock();
+        for (id, generation, probe) in runners {
+            let Some(row) = store.checks.get_mut(&id) else {
+                continue;
+            };
+            if row.generation != generation {
+                continue;
+            }
+            let ttl = row.ttl_deadline.as_ref().map(|tx| tx.subscribe());
+            if let Some(handle) = checks::spawn(self, id, generation, probe, ttl) {
+                row.runner = Some(AbortOnDrop(handle));
+            }
+        }
+    }
+
+    /// A runner's result; ignored when the row was replaced since the runner started.
+    pub(crate) fn report(&self, check_id: &str, generation: u64, status: &str, output: String) {
+        let mut store = self.lock();
+        if store.checks.get(check_id).map(|r| r.generation) != Some(generation) {
+            return;
+        }
+        if store.set_status(check_id, status, output) {
+            tracing::debug!(check = check_id, status, "check status changed");
+            self.notify(&store);
+        }
+    }
+
+    pub(crate) fn output_max(&self, check_id: &str) -> usize {
+        self.lock()
+            .checks
+            .get(check_id)
+            .map_or(state::DEFAULT_OUTPUT_MAX, |r| r.output_max)
+    }
+
+    /// A TTL ran out: critical, with Consul's output.
+    pub(crate) fn expire_ttl(&self, check_id: &str, generation: u64) {
+        let mut store = self.lock();
+        let Some(row) = store.checks.get(check_id) else {
+            return;
+        };
+        if row.generation != generation {
+            return;
+        }
+        let output = if row.hc.output.is_empty() || row.hc.output.starts_with("TTL expired") {
+            "TTL expired".to_string()
+        } else {
+            format!(
+                "TTL expired (last output before timeout follows): {}",
+                row.hc.output
+            )
+        };
+        if store.set_status(check_id, CRITICAL, output) {
+            tracing::info!(check = check_id, "TTL check expired");
+            self.notify(&store);
+        }
+    }
+
+    /// Deregisters services critical for longer than their `DeregisterCriticalServiceAfter`.
+    pub(crate) fn reap(&self, now: Instant) {
+        let mut store = self.lock();
+        let ids = store.reapable(now);
+        let mut changed = false;
+        for id in ids {
+            tracing::info!(service = %id, "reaping service critical past DeregisterCriticalServiceAfter");
+            changed |= store.deregister_service(&id);
+        }
+        if changed {
+            self.notify(&store);
+        }
+    }
+}
+
+/// A random version-4 UUID in the usual text form, for the node ID.
+fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Serves the agent API on `listener` until `shutdown` completes, then stops accepting,
+/// answers open blocking queries at once, and gives connections a short grace period.
 pub async fn run(
-    _config: AgentConfig,
-    _listener: TcpListener,
+    config: AgentConfig,
+    listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    shutdown.await;
+    let shared = Arc::new(Shared::new(config));
+    let reaper = AbortOnDrop(tokio::spawn(checks::reaper(
+        Arc::downgrade(&shared),
+        shared.config.reap_interval,
+    )));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tracing::info!(addr = ?listener.local_addr().ok(), node = %shared.config.node_name, "dev agent serving the Consul HTTP API");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; never exit the loop.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    shared.stopping.send_replace(true);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("dev agent stopped"),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("dev agent stopped with connections still open"),
+    }
+    drop(reaper);
+    // Dropping the rows aborts every check runner.
+    let mut store = shared.lock();
+    store.checks.clear();
+    store.services.clear();
     Ok(())
 }

@@ -1,0 +1,668 @@
+//! The agent's in-memory state: one node, its services and checks, and Consul's indexes.
+//!
+//! Everything lives behind one `std::sync::Mutex`, held only for short, non-async sections.
+//! Every real change takes the next value of one global index (seeded from the clock so it
+//! keeps growing across restarts), stamps the rows it touched, and is announced on a
+//! `watch` channel that wakes blocking queries. Changes that change nothing (re-registering
+//! an identical service, a check that stays passing) take no index and wake nobody.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::decode::CheckDef;
+use crate::wire::{HealthCheck, Node, NodeService, ServiceAddress, Weights};
+
+/// The Consul version whose API the dev agent follows; shown where Consul shows its version.
+pub(crate) const CONSUL_VERSION: &str = "1.21.0";
+
+pub(crate) const PASSING: &str = "passing";
+pub(crate) const WARNING: &str = "warning";
+pub(crate) const CRITICAL: &str = "critical";
+
+/// Default `OutputMaxSize` (Consul's `DefaultBufSize`).
+pub(crate) const DEFAULT_OUTPUT_MAX: usize = 4096;
+
+/// Aborts the task when dropped, so removing a check row stops its runner.
+pub(crate) struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How a check's status is produced.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Probe {
+    /// Set from outside: the node's `serfHealth`, maintenance checks.
+    Static,
+    Ttl(Duration),
+    Http(CheckDef),
+    Tcp(CheckDef),
+}
+
+/// A check row plus what keeps it running.
+pub(crate) struct CheckRow {
+    pub hc: HealthCheck,
+    pub probe: Probe,
+    /// Identifies this row's runner; a result from an older runner is ignored.
+    pub generation: u64,
+    /// Dropped with the row: stops the runner.
+    pub runner: Option<AbortOnDrop>,
+    /// TTL checks: the current expiry, moved forward by every pass/warn/fail/update.
+    pub ttl_deadline: Option<watch::Sender<Instant>>,
+    /// When the check last turned critical; the reaper measures from here.
+    pub critical_since: Option<Instant>,
+    /// `DeregisterCriticalServiceAfter`, already raised to the agent's floor.
+    pub deregister_after: Option<Duration>,
+    pub output_max: usize,
+}
+
+/// A service row.
+pub(crate) struct ServiceRow {
+    pub svc: NodeService,
+    /// The `consul` service: in the catalog, not in the agent's local services.
+    pub catalog_only: bool,
+}
+
+/// The node this agent is.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub datacenter: String,
+    pub meta: BTreeMap<String, String>,
+}
+
+pub(crate) struct Store {
+    index: u64,
+    node_create_index: u64,
+    pub services: BTreeMap<String, ServiceRow>,
+    pub checks: BTreeMap<String, CheckRow>,
+    services_table: u64,
+    checks_table: u64,
+    node_checks: u64,
+    by_name: HashMap<String, u64>,
+    generation: u64,
+    pub node: NodeInfo,
+}
+
+/// What a registration changed, so the caller can start runners outside the lock.
+pub(crate) struct Applied {
+    pub changed: bool,
+    pub new_runners: Vec<(String, u64, Probe)>,
+}
+
+impl Store {
+    pub fn new(node: NodeInfo) -> Self {
+        // Seed from wall-clock milliseconds: a restarted agent never shows a smaller index
+        // than the one before, so watchers do not have to notice a reset.
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let mut s = Self {
+            index: seed,
+            node_create_index: 0,
+            services: BTreeMap::new(),
+            checks: BTreeMap::new(),
+            services_table: 0,
+            checks_table: 0,
+            node_checks: 0,
+            by_name: HashMap::new(),
+            generation: 0,
+            node,
+        };
+        let idx = s.next_index();
+        s.node_create_index = idx;
+        s.services_table = idx;
+        s.checks_table = idx;
+        s.node_checks = idx;
+        let consul = NodeService {
+            id: "consul".into(),
+            service: "consul".into(),
+            port: 8300,
+            meta: [
+                ("non_voter", "false"),
+                ("raft_version", "3"),
+                ("read_replica", "false"),
+                ("serf_protocol_current", "2"),
+                ("serf_protocol_max", "5"),
+                ("serf_protocol_min", "1"),
+                ("version", CONSUL_VERSION),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            proxy: Some(default_proxy()),
+            connect: Some(json!({})),
+            create_index: idx,
+            modify_index: idx,
+            ..Default::default()
+        };
+        s.by_name.insert("consul".into(), idx);
+        s.services.insert(
+            "consul".into(),
+            ServiceRow {
+                svc: consul,
+                catalog_only: true,
+            },
+        );
+        let node_name = s.node.name.clone();
+        s.checks.insert(
+            "serfHealth".into(),
+            CheckRow {
+                hc: HealthCheck {
+                    node: node_name,
+                    check_id: "serfHealth".into(),
+                    name: "Serf Health Status".into(),
+                    status: PASSING.into(),
+                    output: "Agent alive and reachable".into(),
+                    definition: json!({}),
+                    create_index: idx,
+                    modify_index: idx,
+                    ..Default::default()
+                },
+                probe: Probe::Static,
+                generation: 0,
+                runner: None,
+                ttl_deadline: None,
+                critical_since: None,
+                deregister_after: None,
+                output_max: DEFAULT_OUTPUT_MAX,
+            },
+        );
+        s
+    }
+
+    fn next_index(&mut self) -> u64 {
+        self.index += 1;
+        self.index
+    }
+
+    /// The latest index handed out.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// Records that rows of `service_name` (or node-level rows, for `None`) changed at `idx`.
+    fn touch(&mut self, service_name: Option<&str>, services: bool, checks: bool, idx: u64) {
+        if services {
+            self.services_table = idx;
+        }
+        if checks {
+            self.checks_table = idx;
+        }
+        match service_name {
+            Some(name) => {
+                self.by_name.insert(name.to_string(), idx);
+            }
+            None => self.node_checks = idx,
+        }
+    }
+
+    /// The `Node` object of reads.
+    pub fn node_wire(&self) -> Node {
+        let a = &self.node.address;
+        Node {
+            id: self.node.id.clone(),
+            node: self.node.name.clone(),
+            address: a.clone(),
+            datacenter: self.node.datacenter.clone(),
+            tagged_addresses: [("lan", a), ("lan_ipv4", a), ("wan", a), ("wan_ipv4", a)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            meta: self.node.meta.clone(),
+            create_index: self.node_create_index,
+            modify_index: self.node_create_index.max(self.node_checks),
+        }
+    }
+
+    /// Index of a `health/service` or `catalog/service` read: the newest change to that
+    /// service's rows (node checks included), or the services table when it has none.
+    pub fn service_index(&self, name: &str) -> u64 {
+        if self.services.values().any(|r| r.svc.service == name) {
+            self.by_name
+                .get(name)
+                .copied()
+                .unwrap_or(self.services_table)
+                .max(self.node_checks)
+        } else {
+            self.services_table
+        }
+    }
+
+    pub fn services_table_index(&self) -> u64 {
+        self.services_table
+    }
+
+    pub fn checks_table_index(&self) -> u64 {
+        self.checks_table.max(self.node_checks)
+    }
+
+    pub fn node_index(&self) -> u64 {
+        self.services_table.max(self.checks_table_index())
+    }
+
+    /// Registers (or replaces) a service and its checks. `checks` carry final IDs and names.
+    pub fn register_service(
+        &mut self,
+        mut svc: NodeService,
+        checks: Vec<(CheckDef, Probe, Option<Duration>)>,
+        replace_existing_checks: bool,
+    ) -> Applied {
+        let id = svc.id.clone();
+        let name = svc.service.clone();
+        let existing = self.services.get(&id).map(|r| &r.svc);
+        let old_name = existing.map(|s| s.service.clone());
+        let existing_create = existing.map(|s| s.create_index);
+        let same_service = existing.is_some_and(|old| {
+            let mut a = old.clone();
+            a.create_index = 0;
+            a.modify_index = 0;
+            a == svc
+        });
+        let mut pending_idx: Option<u64> = None;
+        let mut idx = |store: &mut Store| *pending_idx.get_or_insert_with(|| store.next_index());
+        let mut changed_checks = false;
+        let mut changed_service = false;
+
+        if !same_service {
+            let i = idx(self);
+            svc.create_index = existing_create.unwrap_or(i);
+            svc.modify_index = i;
+            self.services.insert(
+                id.clone(),
+                ServiceRow {
+                    svc,
+                    catalog_only: false,
+                },
+            );
+            changed_service = true;
+        }
+        let tags = self.services.get(&id).map(|r| r.svc.tags.clone()).unwrap_or_default();
+
+        let mut new_runners = Vec::new();
+        let mut keep = Vec::new();
+        for (def, probe, deregister_after) in checks {
+            keep.push(def.id.clone());
+            let definition = check_definition_json(&def);
+            let (kind, interval, timeout) = check_kind(&probe, &def);
+            let output_max = if def.output_max_size > 0 {
+                def.output_max_size as usize
+            } else {
+                DEFAULT_OUTPUT_MAX
+            };
+            let old = self.checks.get(&def.id);
+            let unchanged = old.is_some_and(|o| {
+                o.probe == probe
+                    && o.hc.service_id == id
+                    && o.hc.name == def.name
+                    && o.hc.notes == def.notes
+                    && o.hc.service_tags == tags
+                    && o.deregister_after == deregister_after
+            });
+            if unchanged {
+                continue;
+            }
+            // Re-registration keeps the live status and output of a check with the same ID.
+            let (status, output, since, create) = match old {
+                Some(o) => (
+                    o.hc.status.clone(),
+                    o.hc.output.clone(),
+                    o.critical_since,
+                    Some(o.hc.create_index),
+                ),
+                None => {
+                    let st = if def.status.is_empty() {
+                        CRITICAL.to_string()
+                    } else {
+                        def.status.clone()
+                    };
+                    let since = (st == CRITICAL).then(Instant::now);
+                    (st, String::new(), since, None)
+                }
+            };
+            let i = idx(self);
+            let generation = self.next_generation();
+            let ttl_deadline = match &probe {
+                Probe::Ttl(ttl) => Some(watch::channel(Instant::now() + *ttl).0),
+                _ => None,
+            };
+            let row = CheckRow {
+                hc: HealthCheck {
+                    node: self.node.name.clone(),
+                    check_id: def.id.clone(),
+                    name: def.name.clone(),
+                    status,
+                    notes: def.notes.clone(),
+                    output,
+                    service_id: id.clone(),
+                    service_name: name.clone(),
+                    service_tags: tags.clone(),
+                    kind: kind.into(),
+                    interval,
+                    timeout,
+                    exposed_port: 0,
+                    definition,
+                    create_index: create.unwrap_or(i),
+                    modify_index: i,
+                },
+                probe: probe.clone(),
+                generation,
+                runner: None,
+                ttl_deadline,
+                critical_since: since,
+                deregister_after,
+                output_max,
+            };
+            self.checks.insert(def.id.clone(), row);
+            new_runners.push((def.id.clone(), generation, probe));
+            changed_checks = true;
+        }
+        if replace_existing_checks {
+            let stale: Vec<String> = self
+                .checks
+                .iter()
+                .filter(|(cid, c)| {
+                    c.hc.service_id == id
+                        && !keep.contains(cid)
+                        && !cid.starts_with(crate::wire::SERVICE_MAINTENANCE_PREFIX)
+                })
+                .map(|(cid, _)| cid.clone())
+                .collect();
+            for cid in stale {
+                self.checks.remove(&cid);
+                changed_checks = true;
+            }
+        }
+        if changed_checks || changed_service {
+            let i = idx(self);
+            // A renamed service also changes what the old name's readers see.
+            if let Some(old) = old_name.filter(|o| *o != name) {
+                self.touch(Some(&old), true, true, i);
+            }
+            self.touch(Some(&name), changed_service, changed_checks, i);
+        }
+        Applied {
+            changed: changed_checks || changed_service,
+            new_runners,
+        }
+    }
+
+    /// Removes a service and all its checks; false if unknown.
+    pub fn deregister_service(&mut self, id: &str) -> bool {
+        let Some(row) = self.services.get(id).filter(|r| !r.catalog_only) else {
+            return false;
+        };
+        let name = row.svc.service.clone();
+        self.services.remove(id);
+        self.checks.retain(|_, c| c.hc.service_id != id);
+        let i = self.next_index();
+        self.touch(Some(&name), true, true, i);
+        true
+    }
+
+    /// Sets a check's status and output. Only a status change takes an index (and wakes
+    /// watchers); new output alone is stored quietly, as Consul defers syncing output.
+    /// Returns whether watchers must be woken.
+    pub fn set_status(&mut self, check_id: &str, status: &str, output: String) -> bool {
+        let Some(row) = self.checks.get_mut(check_id) else {
+            return false;
+        };
+        row.hc.output = output;
+        if row.hc.status == status {
+            return false;
+        }
+        row.hc.status = status.to_string();
+        row.critical_since = (status == CRITICAL).then(Instant::now);
+        let service = (!row.hc.service_name.is_empty()).then(|| row.hc.service_name.clone());
+        let i = self.next_index();
+        if let Some(row) = self.checks.get_mut(check_id) {
+            row.hc.modify_index = i;
+        }
+        self.touch(service.as_deref(), false, true, i);
+        true
+    }
+
+    /// Adds a synthetic critical check (maintenance mode); false if it already exists.
+    pub fn add_static_check(&mut self, hc: HealthCheck) -> bool {
+        if self.checks.contains_key(&hc.check_id) {
+            return false;
+        }
+        let i = self.next_index();
+        let service = (!hc.service_name.is_empty()).then(|| hc.service_name.clone());
+        let id = hc.check_id.clone();
+        self.checks.insert(
+            id,
+            CheckRow {
+                hc: HealthCheck {
+                    create_index: i,
+                    modify_index: i,
+                    ..hc
+                },
+                probe: Probe::Static,
+                generation: 0,
+                runner: None,
+                ttl_deadline: None,
+                critical_since: None,
+                deregister_after: None,
+                output_max: DEFAULT_OUTPUT_MAX,
+            },
+        );
+        self.touch(service.as_deref(), false, true, i);
+        true
+    }
+
+    /// Registers a check on its own (`/v1/agent/check/register`).
+    pub fn register_check(
+        &mut self,
+        def: CheckDef,
+        probe: Probe,
+        deregister_after: Option<Duration>,
+    ) -> Applied {
+        let (service_id, service_name, tags) = match self.services.get(&def.service_id) {
+            Some(r) => (r.svc.id.clone(), r.svc.service.clone(), r.svc.tags.clone()),
+            None => (String::new(), String::new(), Vec::new()),
+        };
+        let (kind, interval, timeout) = check_kind(&probe, &def);
+        let old = self.checks.get(&def.id);
+        let (status, output, since, create) = match old {
+            Some(o) => (
+                o.hc.status.clone(),
+                o.hc.output.clone(),
+                o.critical_since,
+                Some(o.hc.create_index),
+            ),
+            None => {
+                let st = if def.status.is_empty() {
+                    CRITICAL.to_string()
+                } else {
+                    def.status.clone()
+                };
+                let since = (st == CRITICAL).then(Instant::now);
+                (st, String::new(), since, None)
+            }
+        };
+        let i = self.next_index();
+        let generation = self.next_generation();
+        let ttl_deadline = match &probe {
+            Probe::Ttl(ttl) => Some(watch::channel(Instant::now() + *ttl).0),
+            _ => None,
+        };
+        let output_max = if def.output_max_size > 0 {
+            def.output_max_size as usize
+        } else {
+            DEFAULT_OUTPUT_MAX
+        };
+        let row = CheckRow {
+            hc: HealthCheck {
+                node: self.node.name.clone(),
+                check_id: def.id.clone(),
+                name: def.name.clone(),
+                status,
+                notes: def.notes.clone(),
+                output,
+                service_id,
+                service_name: service_name.clone(),
+                service_tags: tags,
+                kind: kind.into(),
+                interval,
+                timeout,
+                exposed_port: 0,
+                definition: check_definition_json(&def),
+                create_index: create.unwrap_or(i),
+                modify_index: i,
+            },
+            probe: probe.clone(),
+            generation,
+            runner: None,
+            ttl_deadline,
+            critical_since: since,
+            deregister_after,
+            output_max,
+        };
+        self.checks.insert(def.id.clone(), row);
+        let service = (!service_name.is_empty()).then_some(service_name);
+        self.touch(service.as_deref(), false, true, i);
+        Applied {
+            changed: true,
+            new_runners: vec![(def.id, generation, probe)],
+        }
+    }
+
+    /// Removes a check; false if unknown.
+    pub fn remove_check(&mut self, check_id: &str) -> bool {
+        let Some(row) = self.checks.remove(check_id) else {
+            return false;
+        };
+        let service = (!row.hc.service_name.is_empty()).then(|| row.hc.service_name.clone());
+        let i = self.next_index();
+        self.touch(service.as_deref(), false, true, i);
+        true
+    }
+
+    /// Services whose reaping deadline has passed.
+    pub fn reapable(&self, now: Instant) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .checks
+            .values()
+            .filter_map(|c| {
+                let after = c.deregister_after?;
+                let since = c.critical_since?;
+                (c.hc.status == CRITICAL && now.duration_since(since) >= after)
+                    .then(|| c.hc.service_id.clone())
+            })
+            .filter(|id| !id.is_empty())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Node-level checks, then the service's checks, as Consul lists them in an entry.
+    pub fn entry_checks(&self, service_id: &str) -> Vec<HealthCheck> {
+        let node = self.checks.values().filter(|c| c.hc.service_id.is_empty());
+        let svc = self
+            .checks
+            .values()
+            .filter(|c| c.hc.service_id == service_id);
+        node.chain(svc).map(|c| c.hc.clone()).collect()
+    }
+}
+
+/// Consul's `Proxy` object of a non-proxy service.
+pub(crate) fn default_proxy() -> Value {
+    json!({"Mode": "", "MeshGateway": {}, "Expose": {}})
+}
+
+/// `Type`, `Interval` and `Timeout` as reads show them.
+fn check_kind(probe: &Probe, def: &CheckDef) -> (&'static str, String, String) {
+    let fmt = |d: std::time::Duration| {
+        if d.is_zero() {
+            String::new()
+        } else {
+            crate::duration::format(d)
+        }
+    };
+    match probe {
+        Probe::Static => ("", String::new(), String::new()),
+        Probe::Ttl(_) => ("ttl", String::new(), String::new()),
+        Probe::Http(_) => ("http", fmt(def.interval), fmt(def.timeout)),
+        Probe::Tcp(_) => ("tcp", fmt(def.interval), fmt(def.timeout)),
+    }
+}
+
+/// `Definition` of a check row: the probe settings, zero values omitted.
+fn check_definition_json(def: &CheckDef) -> Value {
+    let mut m = serde_json::Map::new();
+    let mut s = |k: &str, v: &str| {
+        if !v.is_empty() {
+            m.insert(k.into(), Value::String(v.into()));
+        }
+    };
+    s("HTTP", &def.http);
+    s("TCP", &def.tcp);
+    s("Method", &def.method);
+    s("Body", &def.body);
+    s("TLSServerName", &def.tls_server_name);
+    for (k, d) in [
+        ("Interval", def.interval),
+        ("Timeout", def.timeout),
+        ("TTL", def.ttl),
+        (
+            "DeregisterCriticalServiceAfter",
+            def.deregister_critical_service_after,
+        ),
+    ] {
+        if !d.is_zero() {
+            m.insert(k.into(), Value::String(crate::duration::format(d)));
+        }
+    }
+    if !def.header.is_empty() {
+        m.insert("Header".into(), json!(def.header));
+    }
+    if def.tls_skip_verify {
+        m.insert("TLSSkipVerify".into(), Value::Bool(true));
+    }
+    if def.disable_redirects {
+        m.insert("DisableRedirects".into(), Value::Bool(true));
+    }
+    Value::Object(m)
+}
+
+/// Adds Consul's automatic `lan_ipv4`/`wan_ipv4` (or `_ipv6`) tagged addresses for an IP
+/// literal address, leaving keys the registration set.
+pub(crate) fn auto_tagged_addresses(svc: &mut NodeService) {
+    let Ok(ip) = svc.address.parse::<std::net::IpAddr>() else {
+        return;
+    };
+    let (lan, wan) = if ip.is_ipv4() {
+        ("lan_ipv4", "wan_ipv4")
+    } else {
+        ("lan_ipv6", "wan_ipv6")
+    };
+    for key in [lan, wan] {
+        svc.tagged_addresses
+            .entry(key.to_string())
+            .or_insert_with(|| ServiceAddress {
+                address: svc.address.clone(),
+                port: svc.port,
+            });
+    }
+}
+
+/// Weights to store: Consul fills `{1, 1}` when omitted.
+pub(crate) fn weights_or_default(w: Option<Weights>) -> Weights {
+    w.unwrap_or_default()
+}

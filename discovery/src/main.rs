@@ -1,0 +1,12 @@
+//! The `discovery` binary: see `discovery --help`.
+
+use std::process::ExitCode;
+
+use discovery::cli::{init_tracing, parse_or_exit, run, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    init_tracing();
+    run(cli).await
+}
