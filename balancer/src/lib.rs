@@ -1,1 +1,251 @@
-//! Placeholder until its issue lands.
+//! A Consul-aware round-robin reverse proxy.
+//!
+//! For each routed service a discovery watcher (blocking queries on Consul's
+//! `health/service?passing`) keeps a snapshot of healthy instances; requests pick from the
+//! snapshot round robin without locks and are forwarded over pooled keep-alive connections.
+//! When Consul is unreachable the last known instances keep serving.
+//!
+//! # Layout
+//!
+//! - [`config`]: routes (`--service web`, `--service api=/api`) and timeouts.
+//! - [`service`]: a service's snapshot and round-robin selection.
+//! - [`upstream`]: instances: connection pool, ejection, counters.
+//! - [`proxy`]: the request path and the one error-to-status mapping.
+//! - [`admin`]: `/status`, `/metrics`, `/health` on the admin listener.
+//! - [`metrics`]: atomic counters and histogram, Prometheus text.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod service;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use discovery::watch::{Watch, WatchOptions};
+
+pub use config::{Config, Route};
+use service::ServiceState;
+
+/// Everything the request path and the admin listener share.
+pub struct App {
+    pub config: Config,
+    /// One per distinct service name.
+    pub services: Vec<Arc<ServiceState>>,
+    /// `route_service[i]` is the index in `services` of `config.routes[i]`.
+    pub route_service: Vec<usize>,
+    /// The discovery watcher of each service (same order), `None` for static services.
+    pub watches: Vec<Option<Watch>>,
+    /// Requests that matched no route.
+    pub no_route: AtomicU64,
+    /// Client connections currently open.
+    pub connections: AtomicU64,
+    pub started: Instant,
+}
+
+impl App {
+    /// Builds the routing state for `config`; services start with no instances.
+    pub fn new(config: Config) -> Self {
+        let mut services: Vec<Arc<ServiceState>> = Vec::new();
+        let mut route_service = Vec::with_capacity(config.routes.len());
+        for r in &config.routes {
+            let idx = match services.iter().position(|s| s.name == r.service) {
+                Some(i) => i,
+                None => {
+                    services.push(Arc::new(ServiceState::new(
+                        r.service.clone(),
+                        config.pool_idle_timeout,
+                    )));
+                    services.len() - 1
+                }
+            };
+            route_service.push(idx);
+        }
+        let watches = services.iter().map(|_| None).collect();
+        Self {
+            config,
+            services,
+            route_service,
+            watches,
+            no_route: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The state of service `name`, if routed.
+    pub fn service(&self, name: &str) -> Option<&Arc<ServiceState>> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Ready when every service has had an answer from discovery.
+    pub fn is_ready(&self) -> bool {
+        self.services
+            .iter()
+            .all(|s| s.ready.load(Ordering::Acquire))
+    }
+}
+
+/// Why the balancer stopped with an error.
+#[derive(Debug)]
+pub enum Error {
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+        }
+    }
+}
+
+/// Starts a Consul watcher per service, feeding each service's snapshot. The returned task
+/// handles end when `stop` flips.
+fn start_discovery(
+    app: &mut App,
+    client: discovery::Client,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (i, svc) in app.services.iter().enumerate() {
+        let opts = WatchOptions {
+            wait: app.config.watch_wait,
+            ..WatchOptions::default()
+        };
+        let w = Watch::spawn(client.clone(), svc.name.clone(), opts);
+        let mut rx = w.snapshots();
+        let state = Arc::clone(svc);
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if let Some(snap) = snap {
+                    state.apply(&snap);
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+        app.watches[i] = Some(w);
+    }
+    tasks
+}
+
+/// Runs the balancer: proxies on `listener`, admin on `admin`, discovery through `client`
+/// (or none, for services fed with [`ServiceState::set_static`] through `prepare`), until
+/// `shutdown` completes; then stops accepting and drains within `shutdown_grace`.
+pub async fn run(
+    config: Config,
+    client: Option<discovery::Client>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    prepare: impl FnOnce(&App),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut app = App::new(config);
+    let tasks = match client {
+        Some(c) => start_discovery(&mut app, c, &stop_rx),
+        None => Vec::new(),
+    };
+    prepare(&app);
+    let app = Arc::new(app);
+    let admin_task =
+        admin.map(|l| tokio::spawn(admin::serve(Arc::clone(&app), l, stop_rx.clone())));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_read_timeout)
+        .max_buf_size(app.config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(app.config.max_connections));
+    tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
+    tokio::pin!(shutdown);
+    loop {
+        // The connection cap: wait for a free slot before accepting, so excess clients queue
+        // in the kernel's backlog instead of costing memory here.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, never stop serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app_c = Arc::clone(&app);
+        let svc = hyper::service::service_fn(move |req| {
+            let app = Arc::clone(&app_c);
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, peer).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        let app_c = Arc::clone(&app);
+        app_c.connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+            app_c.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(app.config.shutdown_grace) => {
+            tracing::warn!(grace = ?app.config.shutdown_grace, "shutdown grace expired with connections still open");
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    // Stop the watchers (they hold blocking queries open against Consul).
+    if let Ok(app) = Arc::try_unwrap(app) {
+        for w in app.watches.into_iter().flatten() {
+            w.stop().await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! The admin listener: `/status` (JSON), `/metrics` (Prometheus text), `/health` (readiness).
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::label;
+use crate::App;
+
+fn age(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+/// The status page as JSON.
+pub fn status(app: &App) -> serde_json::Value {
+    let services: Vec<_> = app
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let b = s.backends();
+            let routes: Vec<&str> = app
+                .config
+                .routes
+                .iter()
+                .zip(&app.route_service)
+                .filter(|(_, si)| **si == i)
+                .map(|(r, _)| r.prefix.as_str())
+                .collect();
+            let instances: Vec<_> = b
+                .list
+                .iter()
+                .map(|be| {
+                    json!({
+                        "id": be.instance.id,
+                        "address": be.authority,
+                        "ejected": be.is_ejected(),
+                        "requests": be.requests(),
+                        "failures": be.failures.load(Ordering::Relaxed),
+                        "ejections": be.ejections.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            let discovery = match app.watches.get(i).and_then(Option::as_ref) {
+                Some(w) => {
+                    let st = w.status();
+                    json!({
+                        "source": "consul",
+                        "index": st.index,
+                        "updates": s.updates.load(Ordering::Relaxed),
+                        "last_change_age_seconds": age(st.last_change),
+                        "last_success_age_seconds": age(st.last_success),
+                        "consecutive_errors": st.consecutive_failures,
+                        "last_error": st.last_error,
+                        // Routing on the last known instances because Consul is not answering.
+                        "stale": st.consecutive_failures > 0,
+                    })
+                }
+                None => json!({"source": "static", "index": b.index, "updates": s.updates.load(Ordering::Relaxed), "stale": false}),
+            };
+            json!({
+                "name": s.name,
+                "routes": routes,
+                "healthy_instances": b.list.len(),
+                "instances": instances,
+                "discovery": discovery,
+            })
+        })
+        .collect();
+    json!({
+        "ready": app.is_ready(),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "connections": app.connections.load(Ordering::Relaxed),
+        "requests_without_route": app.no_route.load(Ordering::Relaxed),
+        "services": services,
+    })
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// All metrics in the Prometheus text exposition format.
+pub fn metrics(app: &App) -> String {
+    let mut out = String::with_capacity(4096);
+    out.push_str("# HELP balancer_requests_total Requests answered, by service, instance and status class (instance=\"\" for the balancer's own answers).\n# TYPE balancer_requests_total counter\n");
+    for s in &app.services {
+        let name = label(&s.name);
+        for be in &s.backends().list {
+            let id = label(&be.instance.id);
+            for (c, class) in CLASSES.iter().enumerate() {
+                let n = be.responses[c].load(Ordering::Relaxed);
+                let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"{id}\",class=\"{class}\"}} {n}");
+            }
+        }
+        for (c, class) in CLASSES.iter().enumerate() {
+            let n = s.metrics.local[c].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "balancer_requests_total{{service=\"{name}\",instance=\"\",class=\"{class}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP balancer_unrouted_requests_total Requests that matched no route (404).\n# TYPE balancer_unrouted_requests_total counter\nbalancer_unrouted_requests_total {}", app.no_route.load(Ordering::Relaxed));
+    out.push_str("# HELP balancer_request_duration_seconds Time to the response head, by service.\n# TYPE balancer_request_duration_seconds histogram\n");
+    for s in &app.services {
+        s.metrics.latency.render(
+            &mut out,
+            "balancer_request_duration_seconds",
+            &format!("service=\"{}\"", label(&s.name)),
+        );
+    }
+    out.push_str("# HELP balancer_retries_total Extra attempts after a failed one.\n# TYPE balancer_retries_total counter\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_retries_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.metrics.retries.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP balancer_ejections_total Times an instance was ejected after a failed connect.\n# TYPE balancer_ejections_total counter\n");
+    for s in &app.services {
+        for be in &s.backends().list {
+            let _ = writeln!(
+                out,
+                "balancer_ejections_total{{service=\"{}\",instance=\"{}\"}} {}",
+                label(&s.name),
+                label(&be.instance.id),
+                be.ejections.load(Ordering::Relaxed)
+            );
+        }
+    }
+    out.push_str("# HELP balancer_healthy_instances Instances currently routed to.\n# TYPE balancer_healthy_instances gauge\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_healthy_instances{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.backends().list.len()
+        );
+    }
+    out.push_str("# HELP balancer_discovery_updates_total Routing-table updates applied from discovery.\n# TYPE balancer_discovery_updates_total counter\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_discovery_updates_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.updates.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP balancer_discovery_last_success_age_seconds Seconds since Consul last answered (-1: never).\n# TYPE balancer_discovery_last_success_age_seconds gauge\n");
+    out.push_str("# HELP balancer_discovery_consecutive_errors Failed Consul queries in a row.\n# TYPE balancer_discovery_consecutive_errors gauge\n");
+    for (s, w) in app.services.iter().zip(&app.watches) {
+        if let Some(w) = w {
+            let st = w.status();
+            let name = label(&s.name);
+            let _ = writeln!(
+                out,
+                "balancer_discovery_last_success_age_seconds{{service=\"{name}\"}} {}",
+                age(st.last_success).unwrap_or(-1.0)
+            );
+            let _ = writeln!(
+                out,
+                "balancer_discovery_consecutive_errors{{service=\"{name}\"}} {}",
+                st.consecutive_failures
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP balancer_connections Client connections open.\n# TYPE balancer_connections gauge\nbalancer_connections {}", app.connections.load(Ordering::Relaxed));
+    out
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Answers one admin request.
+pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "method not allowed\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match req.uri().path() {
+        "/status" => {
+            let body = serde_json::to_vec_pretty(&status(app)).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(app),
+        ),
+        "/health" => {
+            if app.is_ready() {
+                respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "waiting for the first discovery answer\n",
+                )
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /status, /metrics or /health\n",
+        ),
+    }
+}
+
+/// Serves the admin API until `stop` flips.
+pub async fn serve(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    tracing::info!(addr = ?listener.local_addr().ok(), "admin listening (/status, /metrics, /health)");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = handle(&app, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,411 @@
+//! The request path: route, pick an instance round robin, forward, stream the answer back.
+//!
+//! Failures are handled by when they happened:
+//!
+//! - **before anything was sent** (connect refused or timed out, or hyper handing the request
+//!   back from a connection that closed while idle): the request, body included, goes to the
+//!   next instance, at most one try per instance, and a refusing instance is ejected for a
+//!   cool-off without waiting for Consul;
+//! - **after it may have been sent**: retried on another instance only when the method is
+//!   idempotent, the request has no body, and the retry budget allows;
+//! - **after response bytes went to the client**: never retried.
+//!
+//! Every error answer is produced in [`ProxyError::into_response`], the one place that maps
+//! failures to status codes (DESIGN.md).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::service::ServiceState;
+use crate::upstream::{Backend, PooledBody, UpBody};
+use crate::App;
+
+/// Body of a response to a client: streamed from an instance, or a short local answer.
+pub enum ProxyBody {
+    Upstream(PooledBody),
+    Local(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Local(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e: Infallible| match e {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why the balancer answers a request itself.
+#[derive(Debug)]
+pub enum ProxyError {
+    NoRoute,
+    NoHealthyInstance {
+        service: String,
+    },
+    /// Every instance tried refused or failed before or while answering.
+    AllFailed {
+        service: String,
+        last: Option<String>,
+    },
+    /// The instance did not send its response head in time.
+    Timeout {
+        service: String,
+        instance: String,
+    },
+}
+
+impl ProxyError {
+    /// The one mapping from failure to status code and short body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, body) = match &self {
+            ProxyError::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "no route for this path\n".to_string(),
+            ),
+            ProxyError::NoHealthyInstance { service } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy instance of service {service}\n"),
+            ),
+            ProxyError::AllFailed { service, .. } => (
+                StatusCode::BAD_GATEWAY,
+                format!("no instance of service {service} could answer\n"),
+            ),
+            ProxyError::Timeout { service, .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("an instance of service {service} did not answer in time\n"),
+            ),
+        };
+        local(status, body)
+    }
+}
+
+pub fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Local(Full::new(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Rewrites the request head for the instance: origin-form URI, forwarding headers, `Host`
+/// kept (or taken from an HTTP/2 `:authority`).
+fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
+    let authority = parts.uri.authority().map(|a| a.to_string());
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let h = &mut parts.headers;
+    if !h.contains_key(header::HOST) {
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            h.insert(header::HOST, v);
+        }
+    }
+    let ip = peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = h.get(header::HOST).cloned() {
+        h.insert("x-forwarded-host", host);
+    }
+}
+
+/// Handles one client request. Never fails: every failure becomes an answer.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let Some(route) = app.config.route_for(req.uri().path()) else {
+        app.no_route.fetch_add(1, Ordering::Relaxed);
+        return ProxyError::NoRoute.into_response();
+    };
+    let service = Arc::clone(&app.services[app.route_service[route]]);
+    let result = forward(&app, &service, req, peer).await;
+    service.metrics.latency.observe(started.elapsed());
+    match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            match &e {
+                ProxyError::AllFailed { service, last } => {
+                    tracing::warn!(%service, cause = last.as_deref().unwrap_or(""), "no instance could answer");
+                }
+                ProxyError::Timeout { service, instance } => {
+                    tracing::warn!(%service, %instance, "instance did not answer in time");
+                }
+                _ => {}
+            }
+            let resp = e.into_response();
+            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+            service.metrics.local[class].fetch_add(1, Ordering::Relaxed);
+            resp
+        }
+    }
+}
+
+async fn forward(
+    app: &App,
+    service: &ServiceState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let backends = service.backends();
+    if backends.list.is_empty() {
+        return Err(ProxyError::NoHealthyInstance {
+            service: service.name.clone(),
+        });
+    }
+    let (mut parts, body) = req.into_parts();
+    prepare(&mut parts, peer);
+    let bodiless = body.is_end_stream();
+    let replayable = bodiless && is_idempotent(&parts.method);
+    // The body to send next. `None` once a body went out with a failed attempt.
+    let mut body = Some(if bodiless {
+        UpBody::Empty
+    } else {
+        UpBody::Incoming(body)
+    });
+    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut retries_left = app.config.retries;
+    let mut last_error: Option<String> = None;
+    let mut fresh_next = false;
+    let mut attempts = 0usize;
+    // Each instance once, plus the bounded retries; the bound also covers fresh-connection
+    // retries on the same instance.
+    let max_attempts = backends.list.len() + app.config.retries as usize + 1;
+    let mut current: Option<usize> = None;
+
+    while attempts < max_attempts {
+        attempts += 1;
+        let i = match current.take() {
+            Some(i) => i,
+            None => match service.pick(&backends, &tried) {
+                Some(i) => {
+                    tried.push(i);
+                    i
+                }
+                None => break,
+            },
+        };
+        if attempts > 1 {
+            service.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let backend: &Arc<Backend> = &backends.list[i];
+        let Some(b) = body.take() else { break };
+        let conn = if fresh_next {
+            fresh_next = false;
+            backend.connect_fresh(app.config.connect_timeout).await
+        } else {
+            backend.checkout(app.config.connect_timeout).await
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was sent: the body is intact for the next instance.
+                backend.record_connect_failure();
+                tracing::warn!(service = %service.name, instance = %backend.instance.id, addr = %backend.authority, error = %e, "connect failed; instance ejected for a cool-off");
+                last_error = Some(format!("{}: {e}", backend.authority));
+                body = Some(b);
+                continue;
+            }
+        };
+        if !conn.reused {
+            backend.record_connect_success();
+        }
+        let request = Request::from_parts(parts.clone(), b);
+        let sent = tokio::time::timeout(
+            app.config.upstream_timeout,
+            conn.sender.try_send_request(request),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                backend.record_status(rparts.status.as_u16());
+                strip_hop_by_hop(&mut rparts.headers);
+                let body = PooledBody::new(rbody, conn.sender, Arc::clone(backend));
+                return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));
+            }
+            Ok(Err(mut e)) => {
+                backend.failures.fetch_add(1, Ordering::Relaxed);
+                last_error = Some(format!("{}: {}", backend.authority, e.error()));
+                if let Some(unsent) = e.take_message() {
+                    // hyper handed the request back: it never left. Same instance on a new
+                    // connection if this one came from the pool (it went stale while idle).
+                    body = Some(unsent.into_body());
+                    if conn.reused {
+                        backend.clear_pool();
+                        fresh_next = true;
+                        current = Some(i);
+                    }
+                    continue;
+                }
+                // It may have reached the instance.
+                if replayable && retries_left > 0 {
+                    retries_left -= 1;
+                    body = Some(UpBody::Empty);
+                    if conn.reused {
+                        // Most likely a keep-alive connection the instance closed as we
+                        // wrote: give the same instance one fresh try.
+                        backend.clear_pool();
+                        fresh_next = true;
+                        current = Some(i);
+                    }
+                    tracing::debug!(service = %service.name, instance = %backend.instance.id, error = %e.error(), "retrying an idempotent request");
+                    continue;
+                }
+                break;
+            }
+            Err(_) => {
+                backend.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(ProxyError::Timeout {
+                    service: service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                });
+            }
+        }
+    }
+    Err(ProxyError::AllFailed {
+        service: service.name.clone(),
+        last: last_error,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepares_forwarding_headers() {
+        let req = Request::builder()
+            .uri("http://example.com:8080/a/b?x=1")
+            .header("connection", "keep-alive, x-private")
+            .header("x-private", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-forwarded-for", "10.0.0.9")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        prepare(&mut parts, "127.0.0.7:5555".parse().unwrap());
+        assert_eq!(parts.uri, "/a/b?x=1");
+        let h = &parts.headers;
+        assert!(h.get("connection").is_none());
+        assert!(h.get("x-private").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("te").is_none());
+        assert_eq!(h["host"], "example.com:8080");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9, 127.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com:8080");
+    }
+
+    #[test]
+    fn error_mapping() {
+        let s = |e: ProxyError| e.into_response().status().as_u16();
+        assert_eq!(s(ProxyError::NoRoute), 404);
+        assert_eq!(
+            s(ProxyError::NoHealthyInstance {
+                service: "web".into()
+            }),
+            503
+        );
+        assert_eq!(
+            s(ProxyError::AllFailed {
+                service: "web".into(),
+                last: None
+            }),
+            502
+        );
+        assert_eq!(
+            s(ProxyError::Timeout {
+                service: "web".into(),
+                instance: "a".into()
+            }),
+            504
+        );
+    }
+}

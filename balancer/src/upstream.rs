@@ -1,0 +1,370 @@
+//! Instances as the proxy sees them: address, keep-alive connection pool, passive health
+//! (ejection after failed connects) and counters.
+//!
+//! The pool is our own rather than hyper-util's legacy client because the proxy must know
+//! *when* a failure happened: a failed connect sent nothing, so the request may go to the
+//! next instance with its body intact; a failure after sending may not be retried blindly.
+//! hyper-util's client hides that boundary and consumes the body either way.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use discovery::Instance;
+
+/// First cool-off after a failed connect; doubles per consecutive failure.
+const EJECT_BASE: Duration = Duration::from_secs(1);
+/// Longest cool-off.
+const EJECT_MAX: Duration = Duration::from_secs(30);
+/// Idle connections kept per instance; more than this are closed when returned.
+const MAX_IDLE_PER_INSTANCE: usize = 256;
+
+/// Body of a request sent upstream: the client's body, or nothing (also for a retry of a
+/// bodiless request, whose original body was consumed by the failed attempt).
+pub enum UpBody {
+    Incoming(Incoming),
+    Empty,
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Incoming(b) => b.is_end_stream(),
+            UpBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Incoming(b) => b.size_hint(),
+            UpBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+type Sender = http1::SendRequest<UpBody>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// One instance of a service. Shared by consecutive snapshots while the instance stays
+/// (same ID, same address), so counters, ejection state and pooled connections survive
+/// discovery updates; dropped (closing its pool) when the instance leaves.
+pub struct Backend {
+    pub instance: Instance,
+    /// `host:port`, also the `Host`-independent connect target.
+    pub authority: String,
+    pool: Mutex<Vec<Idle>>,
+    idle_timeout: Duration,
+    /// Requests answered, by status class 1xx..5xx (index 0..4).
+    pub responses: [AtomicU64; 5],
+    /// Attempts that failed (connect or transport).
+    pub failures: AtomicU64,
+    pub ejections: AtomicU64,
+    consecutive_connect_failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the instance is skipped; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("id", &self.instance.id)
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a connection to an instance could not be had.
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    Io(std::io::Error),
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout => f.write_str("connect timed out"),
+            Self::Io(e) => write!(f, "connect failed: {e}"),
+            Self::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Timeout => None,
+            Self::Io(e) => Some(e),
+            Self::Handshake(e) => Some(e),
+        }
+    }
+}
+
+/// A connection ready to carry one request, and whether it came from the pool (a pooled
+/// connection may have been closed by the instance while idle).
+pub struct Conn {
+    pub sender: Sender,
+    pub reused: bool,
+}
+
+impl Backend {
+    pub fn new(instance: Instance, idle_timeout: Duration, epoch: Instant) -> Self {
+        let authority = instance.authority();
+        Self {
+            instance,
+            authority,
+            pool: Mutex::new(Vec::new()),
+            idle_timeout,
+            responses: Default::default(),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            consecutive_connect_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            epoch,
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Vec<Idle>> {
+        // The pool holds only connections; a panic elsewhere cannot corrupt it.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether passive health currently skips this instance.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// A connect failed: eject for a cool-off that grows with consecutive failures.
+    pub fn record_connect_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let n = self
+            .consecutive_connect_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
+        let cool = EJECT_BASE.saturating_mul(1u32 << n.min(5)).min(EJECT_MAX);
+        self.ejected_until_ms.store(
+            self.now_ms() + cool.as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        // Pooled connections to an instance that refuses new ones are suspect too.
+        self.pool().clear();
+    }
+
+    /// A connect succeeded: the instance is back.
+    pub fn record_connect_success(&self) {
+        if self.consecutive_connect_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_connect_failures
+                .store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_status(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.responses
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// A pooled idle connection, or a new one.
+    pub async fn checkout(&self, connect_timeout: Duration) -> Result<Conn, ConnectError> {
+        {
+            let mut pool = self.pool();
+            while let Some(idle) = pool.pop() {
+                if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
+                    return Ok(Conn {
+                        sender: idle.sender,
+                        reused: true,
+                    });
+                }
+            }
+        }
+        self.connect_fresh(connect_timeout).await
+    }
+
+    /// Drops every pooled connection (the instance restarted or closed them).
+    pub fn clear_pool(&self) {
+        self.pool().clear();
+    }
+
+    /// A new connection, bypassing the pool.
+    pub async fn connect_fresh(&self, connect_timeout: Duration) -> Result<Conn, ConnectError> {
+        let stream = match tokio::time::timeout(
+            connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let authority = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Conn {
+            sender,
+            reused: false,
+        })
+    }
+
+    /// Returns a connection whose last response was read to the end.
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut pool = self.pool();
+        if pool.len() < MAX_IDLE_PER_INSTANCE {
+            pool.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// An instance's response body on its way to the client. When it has been read to the end,
+/// the connection goes back to the instance's pool; if the client goes away first, the
+/// connection is dropped (closed), since the rest of the response is still on the wire.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<(Sender, Arc<Backend>)>,
+}
+
+impl PooledBody {
+    pub fn new(inner: Incoming, sender: Sender, backend: Arc<Backend>) -> Self {
+        let mut body = Self {
+            inner,
+            conn: Some((sender, backend)),
+        };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((sender, backend)) = self.conn.take() {
+            backend.checkin(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Backend {
+        Backend::new(
+            Instance {
+                id: "a".into(),
+                service: "web".into(),
+                address: "127.0.0.1".into(),
+                port: 1,
+                tags: vec![],
+                meta: Default::default(),
+                weights: (1, 1),
+            },
+            Duration::from_secs(30),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn ejection_grows_and_clears() {
+        let b = backend();
+        assert!(!b.is_ejected());
+        b.record_connect_failure();
+        assert!(b.is_ejected());
+        assert_eq!(b.ejections.load(Ordering::Relaxed), 1);
+        b.record_connect_success();
+        assert!(!b.is_ejected());
+    }
+
+    #[test]
+    fn status_classes() {
+        let b = backend();
+        b.record_status(200);
+        b.record_status(204);
+        b.record_status(503);
+        b.record_status(99);
+        assert_eq!(b.responses[1].load(Ordering::Relaxed), 2);
+        assert_eq!(b.responses[4].load(Ordering::Relaxed), 1);
+        assert_eq!(b.responses[0].load(Ordering::Relaxed), 1);
+        assert_eq!(b.requests(), 4);
+    }
+}
