@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: the command line (flags, env fallbacks, exit codes).
 //! - [`config`]: routes (`--service web`, `--service api=/api`) and timeouts.
 //! - [`service`]: a service's snapshot and round-robin selection.
 //! - [`upstream`]: instances: connection pool, ejection, counters.
@@ -15,6 +16,7 @@
 //! - [`metrics`]: atomic counters and histogram, Prometheus text.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod proxy;

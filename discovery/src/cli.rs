@@ -96,20 +96,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses arguments; on bad flags prints clap's message and exits 64 (help/version: 0).
 pub fn parse_or_exit<P: Parser>() -> P {
-    match P::try_parse() {
-        Ok(p) => p,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            let code = match e.kind() {
-                ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
-                _ => i32::from(EXIT_USAGE),
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    }
+    P::try_parse().unwrap_or_else(|e| exit_on_clap_error(e))
+}
+
+/// Prints a clap error and exits: 0 for `--help`/`--version`, 64 for bad usage.
+pub fn exit_on_clap_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let code = match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+        _ => i32::from(EXIT_USAGE),
+    };
+    let _ = e.print();
+    std::process::exit(code);
 }
 
 /// Installs the tracing subscriber once, filtered by `RUST_LOG` (default `info`), on stderr.
@@ -136,16 +136,16 @@ fn client_for(addr: &AgentAddr) -> Result<Client, ExitCode> {
     Ok(Client::new(cfg.with_token(token)))
 }
 
-/// Runs a parsed command line to completion.
-pub async fn run(cli: Cli) -> ExitCode {
+/// Runs a parsed command line to completion; the agent stops when `shutdown` completes.
+pub async fn run(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> ExitCode {
     match cli.command {
-        Command::Agent(a) => run_agent(a).await,
+        Command::Agent(a) => run_agent(a, shutdown).await,
         Command::Members(m) => run_members(m).await,
         Command::Services(s) => run_services(s).await,
     }
 }
 
-async fn run_agent(a: AgentArgs) -> ExitCode {
+async fn run_agent(a: AgentArgs, shutdown: impl std::future::Future<Output = ()>) -> ExitCode {
     if !a.dev {
         return usage(
             "only development mode is supported: run `discovery agent --dev` (use real Consul for anything else)",
@@ -163,7 +163,9 @@ async fn run_agent(a: AgentArgs) -> ExitCode {
     let mut config = AgentConfig::new(node, advertise);
     config.reap_interval = a.dev_reap_interval.max(Duration::from_millis(100));
     config.deregister_min = a.dev_deregister_min;
-    if config.reap_interval != DEFAULT_REAP_INTERVAL || config.deregister_min != DEFAULT_DEREGISTER_MIN {
+    if config.reap_interval != DEFAULT_REAP_INTERVAL
+        || config.deregister_min != DEFAULT_DEREGISTER_MIN
+    {
         tracing::warn!(reap_interval = ?config.reap_interval, deregister_min = ?config.deregister_min, "reaper timings differ from Consul's (test settings)");
     }
     let listener = match tokio::net::TcpListener::bind(a.http_addr).await {
@@ -180,7 +182,7 @@ async fn run_agent(a: AgentArgs) -> ExitCode {
         "discovery dev agent: Consul HTTP API on http://{} (node {}, datacenter {}); Ctrl-C to stop",
         a.http_addr, config.node_name, config.datacenter
     );
-    match crate::agent::run(config, listener, shutdown_signal()).await {
+    match crate::agent::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -239,10 +241,7 @@ async fn run_members(m: MembersArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
-                "Error retrieving members: {}",
-                crate::error::chain(&e)
-            );
+            eprintln!("Error retrieving members: {}", crate::error::chain(&e));
             ExitCode::from(1)
         }
     }
@@ -252,7 +251,12 @@ async fn run_members(m: MembersArgs) -> ExitCode {
 pub fn format_members(list: &[Member], detailed: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     if detailed {
-        rows.push(vec!["Node".into(), "Address".into(), "Status".into(), "Tags".into()]);
+        rows.push(vec![
+            "Node".into(),
+            "Address".into(),
+            "Status".into(),
+            "Tags".into(),
+        ]);
         for m in list {
             let tags: Vec<String> = m.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
             rows.push(vec![
@@ -264,9 +268,19 @@ pub fn format_members(list: &[Member], detailed: bool) -> String {
         }
     } else {
         rows.push(
-            ["Node", "Address", "Status", "Type", "Build", "Protocol", "DC", "Partition", "Segment"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "Node",
+                "Address",
+                "Status",
+                "Type",
+                "Build",
+                "Protocol",
+                "DC",
+                "Partition",
+                "Segment",
+            ]
+            .map(String::from)
+            .to_vec(),
         );
         for m in list {
             let tag = |k: &str| m.tags.get(k).cloned().unwrap_or_default();
@@ -284,9 +298,17 @@ pub fn format_members(list: &[Member], detailed: bool) -> String {
                 "<all>".to_string()
             } else {
                 let s = tag("segment");
-                if s.is_empty() { "<default>".into() } else { s }
+                if s.is_empty() {
+                    "<default>".into()
+                } else {
+                    s
+                }
             };
-            let partition = m.tags.get("ap").cloned().unwrap_or_else(|| "default".into());
+            let partition = m
+                .tags
+                .get("ap")
+                .cloned()
+                .unwrap_or_else(|| "default".into());
             rows.push(vec![
                 m.name.clone(),
                 format!("{}:{}", m.addr, m.port),
@@ -306,7 +328,13 @@ pub fn format_members(list: &[Member], detailed: bool) -> String {
 fn columnize(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -366,10 +394,15 @@ mod tests {
             name: "dev".into(),
             addr: "127.0.0.1".into(),
             port: 8301,
-            tags: [("role", "consul"), ("build", "1.21.0:abc"), ("vsn", "2"), ("dc", "dc1")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            tags: [
+                ("role", "consul"),
+                ("build", "1.21.0:abc"),
+                ("vsn", "2"),
+                ("dc", "dc1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
             status: 1,
             ..Default::default()
         };

@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use discovery::cli::{init_tracing, parse_or_exit, run, Cli};
+use discovery::cli::{init_tracing, parse_or_exit, run, shutdown_signal, Cli};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
     init_tracing();
-    run(cli).await
+    run(cli, shutdown_signal()).await
 }

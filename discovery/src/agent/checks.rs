@@ -38,7 +38,11 @@ pub(crate) fn spawn(
             Some(tokio::spawn(run_ttl(weak, check_id, generation, rx)))
         }
         Probe::Http(def) | Probe::Tcp(def) => Some(tokio::spawn(run_interval(
-            weak, check_id, generation, def, shared.config.clone(),
+            weak,
+            check_id,
+            generation,
+            def,
+            shared.config.clone(),
         ))),
     }
 }
@@ -185,8 +189,10 @@ fn go_op(method: &str) -> String {
     }
 }
 
-pub(crate) type ProbeClient =
-    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(crate) type ProbeClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
 
 /// A client for HTTP checks: keep-alives off, as Consul's checker disables them.
 pub(crate) fn probe_client() -> ProbeClient {
@@ -249,7 +255,10 @@ async fn probe_http(
         let mut body = resp.into_body();
         let mut kept: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.map_err(|_| ()).and_then(|f| f.into_data().map_err(|_| ())) {
+            if let Ok(data) = frame
+                .map_err(|_| ())
+                .and_then(|f| f.into_data().map_err(|_| ()))
+            {
                 kept.extend_from_slice(&data);
                 if kept.len() > 64 * 1024 {
                     kept.drain(..kept.len() - 64 * 1024);
@@ -262,7 +271,9 @@ async fn probe_http(
     })
     .await;
     match result {
-        Err(_) => fail("context deadline exceeded (Client.Timeout exceeded while awaiting headers)".into()),
+        Err(_) => fail(
+            "context deadline exceeded (Client.Timeout exceeded while awaiting headers)".into(),
+        ),
         Ok(Err(e)) => {
             let refused = crate::Error::Transport(Box::new(e));
             if refused.is_connect() {

@@ -167,7 +167,9 @@ fn boolean(v: Option<&&Value>, path: &Path) -> Result<bool> {
 fn int(v: Option<&&Value>, path: &Path) -> Result<i64> {
     match v {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| path.type_error(&Value::Number(n.clone()), "int")),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| path.type_error(&Value::Number(n.clone()), "int")),
         Some(other) => Err(path.type_error(other, "int")),
     }
 }
@@ -207,9 +209,7 @@ fn string_map(v: Option<&&Value>, path: &Path) -> Result<BTreeMap<String, String
 fn duration(v: Option<&&Value>, path: &Path) -> Result<Duration> {
     match v {
         None | Some(Value::Null) => Ok(Duration::ZERO),
-        Some(Value::String(s)) => {
-            crate::duration::parse(s).map_err(|e| DecodeError(e.to_string()))
-        }
+        Some(Value::String(s)) => crate::duration::parse(s).map_err(|e| DecodeError(e.to_string())),
         Some(Value::Number(n)) => {
             let ns = n.as_f64().unwrap_or(0.0);
             if ns <= 0.0 {
@@ -579,10 +579,7 @@ fn check_type(obj: &Map<String, Value>, path: &Path, definition: bool) -> Result
         timeout: duration(m.get("Timeout"), &p("Timeout"))?,
         ttl: duration(m.get("TTL"), &p("TTL"))?,
         success_before_passing: int(m.get("SuccessBeforePassing"), &p("SuccessBeforePassing"))?,
-        failures_before_warning: int(
-            m.get("FailuresBeforeWarning"),
-            &p("FailuresBeforeWarning"),
-        )?,
+        failures_before_warning: int(m.get("FailuresBeforeWarning"), &p("FailuresBeforeWarning"))?,
         failures_before_critical: int(
             m.get("FailuresBeforeCritical"),
             &p("FailuresBeforeCritical"),
@@ -653,7 +650,10 @@ mod tests {
 
     #[test]
     fn unknown_and_unaliased_snake_case_fail() {
-        assert_eq!(err(r#"{"Name":"a","Foo":1}"#), "json: unknown field \"Foo\"");
+        assert_eq!(
+            err(r#"{"Name":"a","Foo":1}"#),
+            "json: unknown field \"Foo\""
+        );
         assert_eq!(
             err(r#"{"Name":"a","Check":{"TTL":"5s","success_before_passing":2}}"#),
             "json: unknown field \"success_before_passing\""
@@ -684,8 +684,8 @@ mod tests {
 
     #[test]
     fn nanosecond_numbers_and_empty_checks() {
-        let d = service_definition(br#"{"Name":"a","Check":{"TTL":5000000000},"Checks":[]}"#)
-            .unwrap();
+        let d =
+            service_definition(br#"{"Name":"a","Check":{"TTL":5000000000},"Checks":[]}"#).unwrap();
         assert_eq!(d.checks[0].ttl, Duration::from_secs(5));
         let d = service_definition(br#"{"Name":"a","Check":{}}"#).unwrap();
         assert!(d.checks.is_empty());
@@ -694,8 +694,8 @@ mod tests {
     #[test]
     fn validation_messages() {
         let c = |s: &str| {
-            let d = service_definition(format!(r#"{{"Name":"a","Check":{s}}}"#).as_bytes())
-                .unwrap();
+            let d =
+                service_definition(format!(r#"{{"Name":"a","Check":{s}}}"#).as_bytes()).unwrap();
             d.checks[0].validate()
         };
         assert_eq!(

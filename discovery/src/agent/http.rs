@@ -69,22 +69,72 @@ enum Route {
 /// Path, whether it is a prefix (Go's `ServeMux` trailing-slash rule), methods, route.
 const ROUTES: &[(&str, bool, &str, Route)] = &[
     ("/v1/agent/service/register", false, "PUT", Route::Register),
-    ("/v1/agent/service/deregister/", true, "PUT", Route::Deregister),
-    ("/v1/agent/service/maintenance/", true, "PUT", Route::ServiceMaintenance),
+    (
+        "/v1/agent/service/deregister/",
+        true,
+        "PUT",
+        Route::Deregister,
+    ),
+    (
+        "/v1/agent/service/maintenance/",
+        true,
+        "PUT",
+        Route::ServiceMaintenance,
+    ),
     ("/v1/agent/service/", true, "GET", Route::AgentService),
     ("/v1/agent/services", false, "GET", Route::AgentServices),
     ("/v1/agent/checks", false, "GET", Route::AgentChecks),
     ("/v1/agent/members", false, "GET", Route::Members),
     ("/v1/agent/self", false, "GET", Route::AgentSelf),
-    ("/v1/agent/maintenance", false, "PUT", Route::NodeMaintenance),
-    ("/v1/agent/check/register", false, "PUT", Route::CheckRegister),
-    ("/v1/agent/check/deregister/", true, "PUT", Route::CheckDeregister),
-    ("/v1/agent/check/pass/", true, "PUT", Route::CheckTtl(PASSING)),
-    ("/v1/agent/check/warn/", true, "PUT", Route::CheckTtl(WARNING)),
-    ("/v1/agent/check/fail/", true, "PUT", Route::CheckTtl(CRITICAL)),
+    (
+        "/v1/agent/maintenance",
+        false,
+        "PUT",
+        Route::NodeMaintenance,
+    ),
+    (
+        "/v1/agent/check/register",
+        false,
+        "PUT",
+        Route::CheckRegister,
+    ),
+    (
+        "/v1/agent/check/deregister/",
+        true,
+        "PUT",
+        Route::CheckDeregister,
+    ),
+    (
+        "/v1/agent/check/pass/",
+        true,
+        "PUT",
+        Route::CheckTtl(PASSING),
+    ),
+    (
+        "/v1/agent/check/warn/",
+        true,
+        "PUT",
+        Route::CheckTtl(WARNING),
+    ),
+    (
+        "/v1/agent/check/fail/",
+        true,
+        "PUT",
+        Route::CheckTtl(CRITICAL),
+    ),
     ("/v1/agent/check/update/", true, "PUT", Route::CheckUpdate),
-    ("/v1/agent/health/service/id/", true, "GET", Route::AgentHealthById),
-    ("/v1/agent/health/service/name/", true, "GET", Route::AgentHealthByName),
+    (
+        "/v1/agent/health/service/id/",
+        true,
+        "GET",
+        Route::AgentHealthById,
+    ),
+    (
+        "/v1/agent/health/service/name/",
+        true,
+        "GET",
+        Route::AgentHealthByName,
+    ),
     ("/v1/health/service/", true, "GET", Route::HealthService),
     ("/v1/health/checks/", true, "GET", Route::HealthChecks),
     ("/v1/health/node/", true, "GET", Route::HealthNode),
@@ -93,7 +143,12 @@ const ROUTES: &[(&str, bool, &str, Route)] = &[
     ("/v1/catalog/service/", true, "GET", Route::CatalogService),
     ("/v1/catalog/nodes", false, "GET", Route::CatalogNodes),
     ("/v1/catalog/node/", true, "GET", Route::CatalogNode),
-    ("/v1/catalog/datacenters", false, "GET", Route::CatalogDatacenters),
+    (
+        "/v1/catalog/datacenters",
+        false,
+        "GET",
+        Route::CatalogDatacenters,
+    ),
     ("/v1/catalog/register", false, "PUT", Route::CatalogWrite),
     ("/v1/catalog/deregister", false, "PUT", Route::CatalogWrite),
     ("/v1/status/leader", false, "GET", Route::Leader),
@@ -166,7 +221,11 @@ struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
-        let dec = |s: &str| percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+        let dec = |s: &str| {
+            percent_decode_str(&s.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         Self(
             q.unwrap_or("")
                 .split('&')
@@ -209,7 +268,9 @@ fn parse_go_bool(s: &str) -> Option<bool> {
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let method = req.method().clone();
     let raw_path = req.uri().path().to_string();
-    let path = percent_decode_str(&raw_path).decode_utf8_lossy().into_owned();
+    let path = percent_decode_str(&raw_path)
+        .decode_utf8_lossy()
+        .into_owned();
     let query = Query::parse(req.uri().query());
     let Some(&(prefix, is_prefix, methods, route)) = ROUTES.iter().find(|(p, pre, _, _)| {
         if *pre {
@@ -219,7 +280,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
         }
     }) else {
         tracing::debug!(%method, %path, %peer, "unknown endpoint");
-        let body = if path.starts_with("/v1/") {
+        // Consul's `Index` handler tests whether the path *contains* `/v1/`, not its prefix.
+        let body = if path.contains("/v1/") {
             "Invalid URL path: not a recognized HTTP API endpoint\n"
         } else {
             "Invalid URL path: if attempting to use the HTTP API, ensure the path starts with '/v1/'\n"
@@ -356,6 +418,9 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::HealthState => {
             let state = c.tail.clone();
+            if state.is_empty() {
+                return Err(fail(400, "Missing check state"));
+            }
             if !matches!(state.as_str(), "any" | PASSING | WARNING | CRITICAL) {
                 return Err(fail(400, "Bad check state"));
             }
@@ -434,7 +499,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             })
             .await
         }
-        Route::CatalogDatacenters => Ok(json_resp(&[c.shared.config.datacenter.clone()])),
+        Route::CatalogDatacenters => Ok(json_resp(&[&c.shared.config.datacenter])),
         Route::CatalogWrite => Err(fail(
             501,
             "The dev agent does not support catalog writes; register services with /v1/agent/service/register",
@@ -535,21 +600,14 @@ struct Blocking {
 
 fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
     let q = &c.query;
-    let index = match q.get("index") {
-        None | Some("") => 0,
-        Some(v) => v.parse::<u64>().map_err(|_| fail(400, "Invalid index"))?,
-    };
-    let wait = match q.get("wait") {
-        None | Some("") => DEFAULT_WAIT,
-        Some(v) => crate::duration::parse(v).map_err(|_| fail(400, "Invalid wait time"))?,
-    };
-    let wait = if wait.is_zero() {
-        DEFAULT_WAIT
-    } else {
-        wait.min(MAX_WAIT)
-    };
+    // Consul's order (`parseInternal`): consistency flags, then `parseWait`, which reads
+    // `wait` before `index`; so a request with several bad values gets Consul's message.
     let stale = q.has("stale");
     let consistent = q.has("consistent");
+    if let Some(ms) = q.get("max_stale") {
+        crate::duration::parse(ms)
+            .map_err(|_| fail(400, format!("Invalid max_stale value {ms:?}")))?;
+    }
     if stale && consistent {
         return Err(fail(
             400,
@@ -562,9 +620,29 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
             "Cannot specify ?cached with ?consistent, conflicting semantics.",
         ));
     }
-    if let Some(ms) = q.get("max_stale") {
-        crate::duration::parse(ms).map_err(|_| fail(400, format!("Invalid max_stale value {ms:?}")))?;
-    }
+    let wait = match q.get("wait") {
+        None | Some("") => DEFAULT_WAIT,
+        // Go's ParseDuration accepts a negative wait, which Consul then treats as "use the
+        // default"; our parser rejects negatives, so strip the sign here.
+        Some(v) => crate::duration::parse(v.strip_prefix('-').unwrap_or(v))
+            .map(|d| {
+                if v.starts_with('-') {
+                    Duration::ZERO
+                } else {
+                    d
+                }
+            })
+            .map_err(|_| fail(400, "Invalid wait time"))?,
+    };
+    let wait = if wait.is_zero() {
+        DEFAULT_WAIT
+    } else {
+        wait.min(MAX_WAIT)
+    };
+    let index = match q.get("index") {
+        None | Some("") => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| fail(400, "Invalid index"))?,
+    };
     if let Some(dc) = q.get("dc") {
         if !dc.is_empty() && dc != c.shared.config.datacenter {
             return Err(fail(500, "No path to datacenter"));
@@ -601,7 +679,11 @@ where
     let mut stopping = c.shared.stopping.subscribe();
     let jitter = if b.index > 0 {
         let max = (b.wait / 16).as_nanos() as u64;
-        Duration::from_nanos(if max > 0 { rand::thread_rng().gen_range(0..max) } else { 0 })
+        Duration::from_nanos(if max > 0 {
+            rand::thread_rng().gen_range(0..max)
+        } else {
+            0
+        })
     } else {
         Duration::ZERO
     };
@@ -636,7 +718,10 @@ where
         "X-Consul-Effective-Consistency",
         HeaderValue::from_static(b.consistency),
     );
-    h.insert("X-Consul-Query-Backend", HeaderValue::from_static("blocking-query"));
+    h.insert(
+        "X-Consul-Query-Backend",
+        HeaderValue::from_static("blocking-query"),
+    );
     Ok(r)
 }
 
@@ -653,15 +738,16 @@ fn validate_meta(meta: &BTreeMap<String, String>) -> Result<(), Fail> {
         ));
     }
     for (k, v) in meta {
+        // Consul's `validateMetaPair` order: blank, characters, length, prefix, value.
         let reason = if k.is_empty() {
             Some("Key cannot be blank")
-        } else if k.len() > 128 {
-            Some("Key is too long (limit: 128 characters)")
         } else if !k
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             Some("Key contains invalid characters")
+        } else if k.len() > 128 {
+            Some("Key is too long (limit: 128 characters)")
         } else if k.starts_with("consul-") {
             Some("Key prefix 'consul-' is reserved for internal use")
         } else if v.len() > 512 {
@@ -672,7 +758,9 @@ fn validate_meta(meta: &BTreeMap<String, String>) -> Result<(), Fail> {
         if let Some(reason) = reason {
             return Err(fail(
                 400,
-                format!("Invalid Service Meta: Couldn't load metadata pair ('{k}', '{v}'): {reason}"),
+                format!(
+                    "Invalid Service Meta: Couldn't load metadata pair ('{k}', '{v}'): {reason}"
+                ),
             ));
         }
     }
@@ -962,12 +1050,11 @@ fn check_register(c: &Ctx) -> HResult {
     let after = deregister_after(&c.shared, &def);
     let applied = {
         let mut store = c.shared.lock();
-        if !def.service_id.is_empty()
-            && !store
-                .services
-                .get(&def.service_id)
-                .is_some_and(|r| !r.catalog_only)
-        {
+        let known = store
+            .services
+            .get(&def.service_id)
+            .is_some_and(|r| !r.catalog_only);
+        if !def.service_id.is_empty() && !known {
             return Err(fail(
                 404,
                 format!("ServiceID {:?} does not exist", def.service_id),
@@ -992,7 +1079,11 @@ fn check_deregister(c: &Ctx) -> HResult {
 
 fn ttl_update(c: &Ctx, status: &str, output: String) -> HResult {
     let mut store = c.shared.lock();
-    let Some(row) = store.checks.get(&c.tail).filter(|r| r.hc.check_id != "serfHealth") else {
+    let Some(row) = store
+        .checks
+        .get(&c.tail)
+        .filter(|r| r.hc.check_id != "serfHealth")
+    else {
         return Err(unknown_check(&c.tail));
     };
     let Probe::Ttl(ttl) = row.probe else {
@@ -1041,12 +1132,18 @@ fn check_update(c: &Ctx) -> HResult {
             match val {
                 Value::String(s) => *target = s.clone(),
                 Value::Null => {}
-                _ => {
-                    return Err(decode_failed(decode::DecodeError(format!(
-                        "json: cannot unmarshal {} into Go struct field checkUpdate.{k} of type string",
-                        if val.is_number() { "number" } else if val.is_boolean() { "bool" } else if val.is_array() { "array" } else { "object" }
-                    ))))
-                }
+                _ => return Err(decode_failed(decode::DecodeError(format!(
+                    "json: cannot unmarshal {} into Go struct field checkUpdate.{k} of type string",
+                    if val.is_number() {
+                        "number"
+                    } else if val.is_boolean() {
+                        "bool"
+                    } else if val.is_array() {
+                        "array"
+                    } else {
+                        "object"
+                    }
+                )))),
             }
         }
     } else if !v.is_null() {
@@ -1209,13 +1306,21 @@ fn agent_health(c: &Ctx, by_id: bool) -> HResult {
             .filter(|ch| ch.hc.service_id == r.svc.id)
             .map(|ch| ch.hc.clone())
             .collect();
-        let status =
-            crate::wire::aggregated_status(checks.iter().map(|ch| (ch.check_id.as_str(), ch.status.as_str())));
-        worst = match (worst, status) {
-            (_, "critical" | "maintenance") | ("critical", _) => CRITICAL,
-            (_, "warning") | ("warning", _) => WARNING,
-            _ => worst,
+        let status = crate::wire::aggregated_status(
+            checks
+                .iter()
+                .map(|ch| (ch.check_id.as_str(), ch.status.as_str())),
+        );
+        // Worst first: maintenance, critical, warning, passing.
+        let rank = |s: &str| match s {
+            "maintenance" => 3,
+            CRITICAL => 2,
+            WARNING => 1,
+            _ => 0,
         };
+        if rank(status) > rank(worst) {
+            worst = status;
+        }
         infos.push(json!({
             "AggregatedStatus": status,
             "Service": agent_service_wire(&c.shared, &r.svc),
@@ -1226,6 +1331,12 @@ fn agent_health(c: &Ctx, by_id: bool) -> HResult {
         PASSING => StatusCode::OK,
         WARNING => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let worst: &'static str = match worst {
+        PASSING => PASSING,
+        WARNING => WARNING,
+        CRITICAL => CRITICAL,
+        _ => "maintenance",
     };
     let mut r = if as_text {
         text(code, worst)
@@ -1371,7 +1482,10 @@ mod tests {
         for (i, (p, pre, _, _)) in ROUTES.iter().enumerate() {
             for (q, qpre, _, _) in &ROUTES[..i] {
                 // An earlier prefix route must not swallow a later route's path.
-                assert!(!(*qpre && p.starts_with(q) && !(*pre && p == q)), "{q} shadows {p}");
+                assert!(
+                    !(*qpre && p.starts_with(q) && !(*pre && p == q)),
+                    "{q} shadows {p}"
+                );
             }
         }
     }

@@ -100,11 +100,14 @@ pub(crate) struct Applied {
 
 impl Store {
     pub fn new(node: NodeInfo) -> Self {
-        // Seed from wall-clock milliseconds: a restarted agent never shows a smaller index
-        // than the one before, so watchers do not have to notice a reset.
+        // Seed from wall-clock microseconds: a restarted agent never shows a smaller index
+        // than the one before, so watchers do not have to notice a reset. Milliseconds were
+        // not enough: a burst of more than one change per millisecond (TTL updates in a loop,
+        // then a quick restart) left the old index ahead of the new seed. Microseconds stay
+        // below 2^53 (JavaScript clients' exact integers) until the year 2255.
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+            .map_or(1, |d| d.as_micros() as u64);
         let mut s = Self {
             index: seed,
             node_create_index: 0,
@@ -290,7 +293,11 @@ impl Store {
             );
             changed_service = true;
         }
-        let tags = self.services.get(&id).map(|r| r.svc.tags.clone()).unwrap_or_default();
+        let tags = self
+            .services
+            .get(&id)
+            .map(|r| r.svc.tags.clone())
+            .unwrap_or_default();
 
         let mut new_runners = Vec::new();
         let mut keep = Vec::new();

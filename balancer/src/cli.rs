@@ -1,0 +1,174 @@
+//! The balancer's command line, shared by the `balancer` binary and the cluster launcher.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use std::future::Future;
+
+use crate::config::{self, Config, Route};
+use clap::Parser;
+use discovery::cli::EXIT_USAGE;
+
+/// A Consul-aware round-robin reverse proxy: routes each request to the next healthy
+/// instance of a Consul service, watching the catalog with blocking queries.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "balancer", version, about)]
+pub struct Args {
+    /// Address to accept client requests on.
+    #[arg(long, env = "BALANCER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A Consul service to route to: `web` routes `/`, `api=/api` routes the `/api` prefix
+    /// (longest prefix wins). Repeat for several; comma-separated in the environment.
+    #[arg(
+        long = "service",
+        env = "BALANCER_SERVICES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub services: Vec<String>,
+    /// Address of the admin listener (/status, /metrics, /health); `off` disables it.
+    #[arg(long, env = "BALANCER_ADMIN", default_value = "127.0.0.1:8081")]
+    pub admin: String,
+    /// Consul agent HTTP address (`host:port` or `http://host:port`).
+    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = discovery::client::DEFAULT_ADDR)]
+    pub consul_addr: String,
+    /// Consul ACL token (sent as X-Consul-Token); `CONSUL_HTTP_TOKEN_FILE` also works.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+    /// Connect timeout to an instance; a refused or timed-out connect moves on to the next.
+    #[arg(long, value_parser = dur, default_value = "1s")]
+    pub connect_timeout: Duration,
+    /// Time an instance gets to send its response head before the client gets 504.
+    #[arg(long, value_parser = dur, default_value = "30s")]
+    pub upstream_timeout: Duration,
+    /// Time a client gets to send its request head.
+    #[arg(long, value_parser = dur, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// Idle pooled connections to instances are closed after this.
+    #[arg(long, value_parser = dur, default_value = "30s")]
+    pub pool_idle_timeout: Duration,
+    /// Deadline for in-flight requests on shutdown.
+    #[arg(long, value_parser = dur, default_value = "10s")]
+    pub shutdown_grace: Duration,
+    /// Most client connections open at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Extra attempts for idempotent, bodiless requests that failed after being sent.
+    #[arg(long, default_value_t = config::DEFAULT_RETRIES)]
+    pub retries: u32,
+    /// Longest Consul blocking-query wait.
+    #[arg(long, value_parser = dur, default_value = "60s")]
+    pub watch_wait: Duration,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    discovery::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Runs the balancer with parsed flags until `shutdown` completes; returns the exit code
+/// (64 for bad configuration, 1 when it cannot start).
+pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
+    let routes: Result<Vec<Route>, _> = cli.services.iter().map(|s| Route::parse(s)).collect();
+    let mut config = match routes.and_then(Config::new) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    if cli.max_connections == 0 || cli.threads == Some(0) {
+        return usage("--max-connections and --threads must be at least 1");
+    }
+    config.connect_timeout = cli.connect_timeout;
+    config.upstream_timeout = cli.upstream_timeout;
+    config.header_read_timeout = cli.header_read_timeout;
+    config.pool_idle_timeout = cli.pool_idle_timeout;
+    config.shutdown_grace = cli.shutdown_grace;
+    config.max_connections = cli.max_connections;
+    config.retries = cli.retries;
+    config.watch_wait = cli.watch_wait.max(Duration::from_secs(1));
+    let admin: Option<SocketAddr> = if cli.admin == "off" {
+        None
+    } else {
+        match cli.admin.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                return usage(format!(
+                    "--admin {:?}: expected host:port or off",
+                    cli.admin
+                ))
+            }
+        }
+    };
+    let consul = match discovery::ClientConfig::new(&cli.consul_addr) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let token = match cli.consul_token.clone() {
+        Some(t) => Some(t),
+        None => match discovery::client::token_from_env() {
+            Ok(t) => t,
+            Err(e) => return usage(e),
+        },
+    };
+    let client = discovery::Client::new(consul.with_token(token));
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {} (--listen): {e}", cli.listen);
+                return ExitCode::from(1);
+            }
+        };
+        let admin_listener = match admin {
+            Some(a) => match tokio::net::TcpListener::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("error: cannot listen on {a} (--admin): {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            None => None,
+        };
+        eprintln!(
+            "balancer: proxying on http://{} (admin {}), Consul at {}",
+            cli.listen,
+            admin.map_or("off".to_string(), |a| format!("http://{a}")),
+            client.base_url()
+        );
+        match crate::run(
+            config,
+            Some(client),
+            listener,
+            admin_listener,
+            |_| {},
+            shutdown,
+        )
+        .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
