@@ -1,0 +1,534 @@
+//! The local cluster in one command: `cargo run --release` starts the embedded dev agent,
+//! workers and the balancer, each as its own OS process, prints where they are, and stops
+//! them in order on Ctrl-C (workers first, so they deregister while the balancer still runs).
+//!
+//! The `cluster` binary is also a multi-call binary: `cluster agent|members|services ...`,
+//! `cluster worker ...` and `cluster balancer ...` take exactly the flags of the `discovery`,
+//! `worker` and `balancer` binaries. The launcher starts its children that way, so one
+//! `cargo run` builds everything it needs.
+//!
+//! # Supervision
+//!
+//! Children run in their own process group, so a terminal's Ctrl-C reaches only the launcher,
+//! which then stops them in order. Each child's standard input is a pipe from the launcher;
+//! a child started by the launcher (`CLUSTER_SUPERVISED=1`) shuts down gracefully when that
+//! pipe closes, which is how the launcher asks it to stop, and how children notice a launcher
+//! that died without cleaning up. No signals need to be sent, and no process outlives the
+//! launcher.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// Set in a child's environment by the launcher.
+pub const SUPERVISED_ENV: &str = "CLUSTER_SUPERVISED";
+
+/// Runs a local cluster: the embedded Consul-compatible dev agent (or your own Consul), N
+/// workers and the balancer, each its own process. Ctrl-C stops them all.
+///
+/// Subcommands `agent`, `members`, `services`, `worker` and `balancer` run one component with
+/// the same flags as the standalone `discovery`, `worker` and `balancer` binaries.
+#[derive(Debug, Parser)]
+#[command(name = "cluster", version, about)]
+pub struct LaunchArgs {
+    /// Number of workers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// Use this Consul agent (host:port) instead of starting the embedded dev agent.
+    #[arg(long, env = "CONSUL_HTTP_ADDR")]
+    pub consul_addr: Option<String>,
+    /// Address of the embedded dev agent, when it is started.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub agent_addr: SocketAddr,
+    /// Address the balancer serves on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the balancer's admin listener (/status, /metrics).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub admin: SocketAddr,
+    /// Port of the first worker; the others follow (9001, 9002, ...).
+    #[arg(long, default_value_t = 9001)]
+    pub worker_port: u16,
+    /// Consul service name of the workers.
+    #[arg(long, default_value = "web")]
+    pub service: String,
+}
+
+/// A started child process.
+struct Proc {
+    name: String,
+    child: Child,
+    /// Dropping it asks the child to stop gracefully.
+    stdin: Option<ChildStdin>,
+}
+
+/// What the launcher runs, in start order.
+#[derive(Debug, Clone)]
+struct Plan {
+    agent: Option<SocketAddr>,
+    consul: String,
+    workers: Vec<SocketAddr>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    service: String,
+}
+
+impl Plan {
+    fn new(a: &LaunchArgs) -> Result<Self, String> {
+        let last = u32::from(a.worker_port) + u32::from(a.workers) - 1;
+        if a.worker_port == 0 || last > 65535 {
+            return Err(format!(
+                "--worker-port {} with --workers {} runs past port 65535",
+                a.worker_port, a.workers
+            ));
+        }
+        let workers = (0..a.workers)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], a.worker_port + i)))
+            .collect();
+        let (agent, consul) = match &a.consul_addr {
+            Some(c) if !c.trim().is_empty() => (None, c.trim().to_string()),
+            _ => (Some(a.agent_addr), a.agent_addr.to_string()),
+        };
+        Ok(Self {
+            agent,
+            consul,
+            workers,
+            listen: a.listen,
+            admin: a.admin,
+            service: a.service.clone(),
+        })
+    }
+
+    /// Every address the launcher will bind, with what binds it.
+    fn ports(&self) -> Vec<(SocketAddr, String)> {
+        let mut out = Vec::new();
+        if let Some(a) = self.agent {
+            out.push((a, "the dev agent (--agent-addr)".to_string()));
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            out.push((*w, format!("worker-{} (--worker-port)", i + 1)));
+        }
+        out.push((self.listen, "the balancer (--listen)".into()));
+        out.push((self.admin, "the balancer's admin listener (--admin)".into()));
+        out
+    }
+}
+
+/// Fails with a message naming the first address that is already taken.
+fn check_ports(plan: &Plan) -> Result<(), String> {
+    let ports = plan.ports();
+    for (i, (addr, what)) in ports.iter().enumerate() {
+        if ports[..i].iter().any(|(a, _)| a == addr) {
+            return Err(format!(
+                "{addr} is used twice ({what}); pick distinct addresses"
+            ));
+        }
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!(
+                "cannot use {addr} for {what}: {e}. Is an earlier cluster (or a Consul agent) still running? Stop it, or pick another address with the flag named."
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn spawn(name: &str, args: &[String]) -> Result<Proc, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(SUPERVISED_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches only the launcher, which stops
+        // the children in order.
+        .process_group(0)
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Children log warnings only, so the launcher's own lines stay readable.
+        cmd.env("RUST_LOG", "warn");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    for (stream, out) in [
+        (
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            false,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            true,
+        ),
+    ] {
+        let Some(stream) = stream else { continue };
+        let prefix = format!("[{name}]");
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if out {
+                    eprintln!("{prefix} {line}");
+                } else {
+                    println!("{prefix} {line}");
+                }
+            }
+        });
+    }
+    let stdin = child.stdin.take();
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        stdin,
+    })
+}
+
+/// A bare HTTP/1.0 GET on loopback for readiness probes; the status code, if any.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::AsyncWriteExt;
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let head = String::from_utf8_lossy(&buf);
+        head.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut ok: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < end {
+        if ok().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{what} did not come up within {deadline:?}"))
+}
+
+/// Asks processes to stop (closing their stdin) and waits, killing those past `grace`.
+async fn stop_all(procs: &mut [Proc], grace: Duration) {
+    for p in procs.iter_mut() {
+        p.stdin = None;
+    }
+    for p in procs.iter_mut() {
+        match tokio::time::timeout(grace, p.child.wait()).await {
+            Ok(Ok(status)) if status.success() => println!("cluster: {} stopped", p.name),
+            Ok(Ok(status)) => println!("cluster: {} stopped ({status})", p.name),
+            Ok(Err(e)) => println!("cluster: {} could not be waited for: {e}", p.name),
+            Err(_) => {
+                println!(
+                    "cluster: {} did not stop within {grace:?}; killing it",
+                    p.name
+                );
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+}
+
+/// Runs the launcher until Ctrl-C / SIGTERM (`shutdown`), or until the agent or balancer dies.
+pub async fn launch(args: LaunchArgs, shutdown: impl Future<Output = ()>) -> ExitCode {
+    let plan = match Plan::new(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cluster: {e}");
+            return ExitCode::from(discovery::cli::EXIT_USAGE);
+        }
+    };
+    if let Err(e) = check_ports(&plan) {
+        eprintln!("cluster: {e}");
+        return ExitCode::from(1);
+    }
+    let mut agent: Vec<Proc> = Vec::new();
+    let mut workers: Vec<Proc> = Vec::new();
+    let mut balancer: Vec<Proc> = Vec::new();
+    let result = start(&plan, &mut agent, &mut workers, &mut balancer).await;
+    let code = match result {
+        Err(e) => {
+            eprintln!("cluster: {e}");
+            ExitCode::from(1)
+        }
+        Ok(()) => {
+            print_summary(&plan, &agent, &workers, &balancer);
+            supervise(&mut agent, &mut workers, &mut balancer, shutdown).await
+        }
+    };
+    println!(
+        "cluster: stopping: workers first (they deregister), then the balancer, then the agent"
+    );
+    stop_all(&mut workers, Duration::from_secs(20)).await;
+    stop_all(&mut balancer, Duration::from_secs(15)).await;
+    stop_all(&mut agent, Duration::from_secs(10)).await;
+    code
+}
+
+async fn start(
+    plan: &Plan,
+    agent: &mut Vec<Proc>,
+    workers: &mut Vec<Proc>,
+    balancer: &mut Vec<Proc>,
+) -> Result<(), String> {
+    if let Some(addr) = plan.agent {
+        agent.push(spawn(
+            "agent",
+            &[
+                "agent".into(),
+                "--dev".into(),
+                "--http-addr".into(),
+                addr.to_string(),
+            ],
+        )?);
+        wait_until("the dev agent", Duration::from_secs(15), || async move {
+            http_status(addr, "/v1/status/leader").await == Some(200)
+        })
+        .await?;
+    }
+    for (i, w) in plan.workers.iter().enumerate() {
+        let n = i + 1;
+        workers.push(spawn(
+            &format!("worker-{n}"),
+            &[
+                "worker".into(),
+                "--service".into(),
+                plan.service.clone(),
+                "--listen".into(),
+                w.to_string(),
+                "--id".into(),
+                format!("{}-{n}", plan.service),
+                "--message".into(),
+                format!("hello from worker {n}"),
+                "--consul-addr".into(),
+                plan.consul.clone(),
+            ],
+        )?);
+    }
+    balancer.push(spawn(
+        "balancer",
+        &[
+            "balancer".into(),
+            "--listen".into(),
+            plan.listen.to_string(),
+            "--admin".into(),
+            plan.admin.to_string(),
+            "--service".into(),
+            plan.service.clone(),
+            "--consul-addr".into(),
+            plan.consul.clone(),
+        ],
+    )?);
+    for w in &plan.workers {
+        let w = *w;
+        wait_until(
+            &format!("the worker on {w}"),
+            Duration::from_secs(15),
+            || async move { http_status(w, "/health").await == Some(200) },
+        )
+        .await?;
+    }
+    let admin = plan.admin;
+    wait_until("the balancer", Duration::from_secs(20), || async move {
+        http_status(admin, "/health").await == Some(200)
+    })
+    .await?;
+    Ok(())
+}
+
+fn print_summary(plan: &Plan, agent: &[Proc], workers: &[Proc], balancer: &[Proc]) {
+    let pid = |p: &Proc| p.child.id().map_or("?".into(), |id| id.to_string());
+    println!();
+    println!("cluster is up:");
+    match (plan.agent, agent.first()) {
+        (Some(a), Some(p)) => println!(
+            "  dev agent   http://{a}  (embedded Consul-compatible agent, pid {})",
+            pid(p)
+        ),
+        _ => println!(
+            "  consul      {}  (your agent; no dev agent started)",
+            plan.consul
+        ),
+    }
+    for (w, p) in plan.workers.iter().zip(workers) {
+        println!(
+            "  {:<10}  http://{w}  (service {}, pid {})",
+            p.name,
+            plan.service,
+            pid(p)
+        );
+    }
+    if let Some(p) = balancer.first() {
+        println!(
+            "  balancer    http://{}  (admin http://{}, pid {})",
+            plan.listen,
+            plan.admin,
+            pid(p)
+        );
+    }
+    println!();
+    println!("Try:");
+    println!(
+        "  for i in 1 2 3 4 5 6; do curl -s http://{}/; done",
+        plan.listen
+    );
+    println!("  curl -s http://{}/status", plan.admin);
+    println!("  curl -s http://{}/metrics", plan.admin);
+    println!(
+        "  cargo run --release -- members --http-addr {}     (like `consul members`)",
+        plan.consul
+    );
+    println!(
+        "  curl -s 'http://{}/v1/health/service/{}?passing'",
+        plan.consul, plan.service
+    );
+    println!();
+    println!("Ctrl-C stops everything (workers deregister first).");
+}
+
+/// Waits for the shutdown signal; reports children that exit on their own. A worker that
+/// dies leaves the others serving (the balancer routes around it); a dead agent or balancer
+/// ends the cluster, since nothing works without them.
+async fn supervise(
+    agent: &mut [Proc],
+    workers: &mut [Proc],
+    balancer: &mut [Proc],
+    shutdown: impl Future<Output = ()>,
+) -> ExitCode {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return ExitCode::SUCCESS,
+            _ = tick.tick() => {}
+        }
+        for p in workers.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                if p.stdin.is_some() {
+                    eprintln!(
+                        "cluster: {} exited unexpectedly ({status}); the balancer routes around it",
+                        p.name
+                    );
+                    p.stdin = None;
+                }
+            }
+        }
+        for p in agent.iter_mut().chain(balancer.iter_mut()) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                eprintln!(
+                    "cluster: {} exited unexpectedly ({status}); stopping the cluster",
+                    p.name
+                );
+                p.stdin = None;
+                return ExitCode::from(1);
+            }
+        }
+    }
+}
+
+/// Completes when standard input reaches end of file: a supervised child's cue to stop.
+pub async fn stdin_closed() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 256];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The shutdown cue of a component process: SIGTERM/Ctrl-C, or, when started by the
+/// launcher, its stdin closing.
+pub async fn component_shutdown() {
+    let supervised = std::env::var_os(SUPERVISED_ENV).is_some();
+    tokio::select! {
+        _ = discovery::cli::shutdown_signal() => {}
+        _ = async {
+            if supervised {
+                stdin_closed().await
+            } else {
+                std::future::pending::<()>().await
+            }
+        } => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> LaunchArgs {
+        let mut v = vec!["cluster"];
+        v.extend_from_slice(extra);
+        LaunchArgs::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn plan_defaults() {
+        let p = Plan::new(&args(&[])).unwrap();
+        assert_eq!(p.workers.len(), 3);
+        assert_eq!(p.workers[2].port(), 9003);
+        assert_eq!(p.agent, Some("127.0.0.1:8500".parse().unwrap()));
+        assert_eq!(p.ports().len(), 6);
+    }
+
+    #[test]
+    fn external_consul_skips_the_agent() {
+        let p = Plan::new(&args(&["--consul-addr", "10.0.0.1:8500", "--workers", "2"])).unwrap();
+        assert_eq!(p.agent, None);
+        assert_eq!(p.consul, "10.0.0.1:8500");
+        assert_eq!(p.ports().len(), 4);
+    }
+
+    #[test]
+    fn port_range_checked() {
+        assert!(Plan::new(&args(&["--worker-port", "65535", "--workers", "2"])).is_err());
+    }
+
+    #[test]
+    fn taken_port_is_named() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let p = Plan::new(&args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
+            "--worker-port",
+            "1",
+        ]))
+        .unwrap();
+        // Port 1 needs privileges or is free; only the taken balancer port must be reported.
+        let err = check_ports(&Plan {
+            workers: vec![],
+            agent: None,
+            ..p
+        })
+        .unwrap_err();
+        assert!(
+            err.contains(&port.to_string()) && err.contains("--listen"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! The accept loop: HTTP/1.1 with keep-alive and h2c (hyper-util `auto`), a cap on connections,
+//! and a two-step stop (close the listener, then drain connections with a deadline).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
+
+use crate::handler::{handle, State};
+
+/// Most connections served at once; further clients wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A client must send a complete request head within this time (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after an accept error that is about the process (EMFILE, ENOBUFS), not the peer.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A running accept loop.
+pub struct Server {
+    /// Fired once by [`Server::shutdown`]; dropping it stops the loop too.
+    stop: oneshot::Sender<()>,
+    /// Ends when the listener is closed, handing back what is needed to drain.
+    task: JoinHandle<Draining>,
+}
+
+/// What the accept loop leaves behind: the connections still open.
+struct Draining {
+    graceful: GracefulShutdown,
+    conns: JoinSet<()>,
+}
+
+/// How [`Server::shutdown`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished within the grace period.
+    Clean,
+    /// The grace period ran out; this many connections were cut.
+    Aborted(usize),
+}
+
+impl Server {
+    /// Starts accepting on `listener`; each connection is answered by [`handle`].
+    pub fn start(listener: TcpListener, state: Arc<State>) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, state, stopped).in_current_span());
+        Self { stop, task }
+    }
+
+    /// Closes the listener (new connections are refused from here on), asks open connections
+    /// to finish (HTTP/1 after the current response, h2 via GOAWAY) and waits up to `grace`.
+    pub async fn shutdown(self, grace: Duration) -> Drained {
+        // The loop may already be gone only if it panicked; either way there is nothing to stop.
+        let _ = self.stop.send(());
+        let Ok(Draining {
+            graceful,
+            mut conns,
+        }) = self.task.await
+        else {
+            tracing::error!("the accept loop panicked; nothing left to drain");
+            return Drained::Aborted(0);
+        };
+        tracing::info!(
+            open = graceful.count(),
+            grace = %discovery::duration::format(grace),
+            "listener closed; finishing in-flight requests"
+        );
+        match tokio::time::timeout(grace, graceful.shutdown()).await {
+            Ok(()) => {
+                // Every watched connection has finished; reap the tasks.
+                while conns.join_next().await.is_some() {}
+                Drained::Clean
+            }
+            Err(_) => {
+                let cut = conns.len();
+                conns.shutdown().await;
+                Drained::Aborted(cut)
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut stopped: oneshot::Receiver<()>,
+) -> Draining {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut conns = JoinSet::new();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+
+    loop {
+        // Finished connection tasks are reaped here, so the set stays as small as the number
+        // of open connections.
+        while conns.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                // The semaphore is never closed; if it were, stop accepting rather than spin.
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if is_peer_error(&e) => {
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                    continue;
+                }
+                Err(e) => {
+                    // Out of descriptors or buffers: wait for connections to close rather
+                    // than spin or die.
+                    tracing::error!(error = %e, "accept failed; backing off");
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
+        let st = state.clone();
+        let svc = service_fn(move |req| {
+            let st = st.clone();
+            async move { handle(&st, peer, req).await }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        conns.spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    // Clients that vanish mid-request are routine; not worth more than debug.
+                    tracing::debug!(
+                        error = %discovery::error::chain(e.as_ref()),
+                        "connection ended with an error"
+                    );
+                }
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("conn", %peer)),
+        );
+    }
+    // Dropping the listener closes the socket: from here on connecting is refused.
+    drop(listener);
+    Draining { graceful, conns }
+}
+
+/// Errors that concern one incoming connection only (it was reset before we took it).
+fn is_peer_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
