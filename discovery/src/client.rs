@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 use crate::wire::{
-    AgentService, AgentSelf, CheckUpdate, HealthCheck, Member, ServiceEntry, ServiceRegistration,
+    AgentSelf, AgentService, CheckUpdate, HealthCheck, Member, ServiceEntry, ServiceRegistration,
 };
 
 /// Default agent address, as for every Consul tool.
@@ -94,8 +94,9 @@ pub fn token_from_env() -> Result<Option<String>, Error> {
     }
     if let Ok(path) = std::env::var("CONSUL_HTTP_TOKEN_FILE") {
         if !path.is_empty() {
-            let t = std::fs::read_to_string(&path)
-                .map_err(|e| Error::Config(format!("reading CONSUL_HTTP_TOKEN_FILE {path}: {e}")))?;
+            let t = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Config(format!("reading CONSUL_HTTP_TOKEN_FILE {path}: {e}"))
+            })?;
             let t = t.trim();
             if !t.is_empty() {
                 return Ok(Some(t.to_string()));

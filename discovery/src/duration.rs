@@ -232,7 +232,9 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for ms in [1u64, 999, 1000, 1001, 59_999, 60_000, 3_599_999, 3_600_000, 86_400_000] {
+        for ms in [
+            1u64, 999, 1000, 1001, 59_999, 60_000, 3_599_999, 3_600_000, 86_400_000,
+        ] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse(&format(d)), Ok(d), "{ms} ms");
         }

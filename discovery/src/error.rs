@@ -36,8 +36,10 @@ impl Error {
                 while let Some(err) = src {
                     if let Some(io) = err.downcast_ref::<std::io::Error>() {
                         use std::io::ErrorKind::*;
-                        if matches!(io.kind(), ConnectionRefused | ConnectionReset | NotConnected)
-                        {
+                        if matches!(
+                            io.kind(),
+                            ConnectionRefused | ConnectionReset | NotConnected
+                        ) {
                             return true;
                         }
                     }
@@ -66,7 +68,11 @@ impl fmt::Display for Error {
             Self::Timeout(d) => write!(f, "the Consul agent did not answer within {d:?}"),
             // The same words the Go client uses, so operators recognise them.
             Self::Status { status, body } => {
-                write!(f, "Unexpected response code: {status} ({})", body.trim_end())
+                write!(
+                    f,
+                    "Unexpected response code: {status} ({})",
+                    body.trim_end()
+                )
             }
             Self::Decode(_) => f.write_str("could not decode the Consul agent's answer"),
         }

@@ -134,7 +134,11 @@ impl ServiceEntry {
 
     /// Consul's `AggregatedStatus` (Go `api.HealthChecks.AggregatedStatus`).
     pub fn aggregated_status(&self) -> &'static str {
-        aggregated_status(self.checks.iter().map(|c| (c.check_id.as_str(), c.status.as_str())))
+        aggregated_status(
+            self.checks
+                .iter()
+                .map(|c| (c.check_id.as_str(), c.status.as_str())),
+        )
     }
 }
 
@@ -341,7 +345,10 @@ pub struct ServiceRegistration {
 impl ServiceRegistration {
     /// The ID Consul will use: `ID`, or `Name` when no ID is given.
     pub fn effective_id(&self) -> &str {
-        self.id.as_deref().filter(|s| !s.is_empty()).unwrap_or(&self.name)
+        self.id
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&self.name)
     }
 }
 
@@ -400,10 +407,7 @@ mod tests {
         assert_eq!(s(&[]), "passing");
         assert_eq!(s(&[("a", "passing"), ("b", "warning")]), "warning");
         assert_eq!(s(&[("a", "critical"), ("b", "warning")]), "critical");
-        assert_eq!(
-            s(&[("_service_maintenance:x", "critical")]),
-            "maintenance"
-        );
+        assert_eq!(s(&[("_service_maintenance:x", "critical")]), "maintenance");
         assert_eq!(s(&[("a", "bogus")]), "");
     }
 }

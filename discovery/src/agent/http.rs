@@ -1132,7 +1132,8 @@ fn check_update(c: &Ctx) -> HResult {
             match val {
                 Value::String(s) => *target = s.clone(),
                 Value::Null => {}
-                _ => return Err(decode_failed(decode::DecodeError(format!(
+                _ => {
+                    return Err(decode_failed(decode::DecodeError(format!(
                     "json: cannot unmarshal {} into Go struct field checkUpdate.{k} of type string",
                     if val.is_number() {
                         "number"
@@ -1143,7 +1144,8 @@ fn check_update(c: &Ctx) -> HResult {
                     } else {
                         "object"
                     }
-                )))),
+                ))))
+                }
             }
         }
     } else if !v.is_null() {
