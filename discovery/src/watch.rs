@@ -42,6 +42,8 @@ pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Default number of queries the rate limiter lets through back to back.
 pub const DEFAULT_RATE_BURST: u32 = 3;
+/// Default time instances missing from a recovered agent's answers stay published.
+pub const DEFAULT_RECOVERY_GRACE: Duration = Duration::from_secs(10);
 /// Default sustained spacing of queries once the burst is spent.
 pub const DEFAULT_RATE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -63,6 +65,13 @@ pub struct WatchOptions {
     pub rate_burst: u32,
     /// Sustained spacing between queries once the burst is spent.
     pub rate_interval: Duration,
+    /// After the agent comes back from an outage (connection failures, or an index that went
+    /// backwards), instances it no longer lists stay published for this long: an agent that
+    /// restarted empty (`consul agent -dev`, our dev agent) has not yet heard from services
+    /// that are about to register again, and emptying a route for that would fail requests
+    /// that live instances could answer. Additions are published at once; after the grace the
+    /// agent's answer is published as it is.
+    pub recovery_grace: Duration,
 }
 
 impl Default for WatchOptions {
@@ -75,6 +84,7 @@ impl Default for WatchOptions {
             backoff_max: DEFAULT_BACKOFF_MAX,
             rate_burst: DEFAULT_RATE_BURST,
             rate_interval: DEFAULT_RATE_INTERVAL,
+            recovery_grace: DEFAULT_RECOVERY_GRACE,
         }
     }
 }
@@ -216,15 +226,26 @@ impl Task {
         );
         let mut index = 0u64;
         let mut failures = 0u32;
+        // Set by an outage; the first answer after it starts the recovery grace.
+        let mut outage = false;
+        let mut grace_until: Option<Instant> = None;
         loop {
             if !sleep_until_or_stop(limit.reserve(Instant::now()), &mut stop).await {
                 break;
             }
+            // During the grace, wake up when it ends so the agent's own answer gets published.
+            let wait = match grace_until {
+                Some(end) => {
+                    let left = end.saturating_duration_since(Instant::now());
+                    self.opts.wait.min(left + Duration::from_millis(50))
+                }
+                None => self.opts.wait,
+            };
             let query = HealthQuery {
                 passing: self.opts.passing,
                 tags: self.opts.tags.clone(),
                 index,
-                wait: Some(self.opts.wait),
+                wait: Some(wait),
             };
             // Racing the query against the stop signal drops (and so cancels) an in-flight
             // long poll instead of waiting out its `wait`.
@@ -246,12 +267,34 @@ impl Task {
                                 "Consul index went backwards; resetting"
                             );
                             index = 0;
+                            outage = true;
                             self.record_answer(index);
                         }
                         IndexStep::Wait(next) => {
                             index = next;
+                            let now = Instant::now();
+                            if outage && !self.opts.recovery_grace.is_zero() {
+                                grace_until = Some(now + self.opts.recovery_grace);
+                            }
+                            outage = false;
+                            if grace_until.is_some_and(|end| now >= end) {
+                                grace_until = None;
+                            }
                             let mut instances: Vec<Instance> =
                                 entries.iter().map(Instance::from_entry).collect();
+                            if grace_until.is_some() {
+                                let previous = self.snapshots.borrow().clone();
+                                if let Some(previous) = previous {
+                                    let held = hold_missing(&mut instances, &previous.instances);
+                                    if held > 0 {
+                                        info!(
+                                            held,
+                                            grace = ?self.opts.recovery_grace,
+                                            "agent recovered without some instances; keeping them while services re-register"
+                                        );
+                                    }
+                                }
+                            }
                             instances.sort();
                             self.publish_if_changed(instances, index);
                             self.record_answer(index);
@@ -260,6 +303,7 @@ impl Task {
                 }
                 Err(err) => {
                     failures = failures.saturating_add(1);
+                    outage |= err.is_connect();
                     index = index_after_error(index, &err);
                     let delay = jitter(backoff_ceiling(
                         failures,
@@ -324,6 +368,18 @@ impl Task {
         status.consecutive_failures += 1;
         status.last_error = Some(chain(err));
     }
+}
+
+/// Adds to `current` the instances of `previous` it lacks (by ID); returns how many.
+fn hold_missing(current: &mut Vec<Instance>, previous: &[Instance]) -> usize {
+    let missing: Vec<Instance> = previous
+        .iter()
+        .filter(|p| !current.iter().any(|c| c.id == p.id))
+        .cloned()
+        .collect();
+    let n = missing.len();
+    current.extend(missing);
+    n
 }
 
 /// What to do with the index of an answer.
@@ -434,6 +490,23 @@ pub(crate) async fn sleep_until_or_stop(deadline: Instant, stop: &mut StopSignal
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn hold_missing_adds_only_absent_ids() {
+        let inst = |id: &str, port: u16| Instance {
+            id: id.into(),
+            service: "web".into(),
+            address: "127.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: Default::default(),
+            weights: (1, 1),
+        };
+        let mut current = vec![inst("a", 2)];
+        let held = hold_missing(&mut current, &[inst("a", 1), inst("b", 1)]);
+        assert_eq!(held, 1);
+        assert_eq!(current, vec![inst("a", 2), inst("b", 1)]);
+    }
+
     use super::*;
 
     #[test]

@@ -264,6 +264,51 @@ async fn keeps_last_known_good_while_the_agent_is_down_and_converges_after_resta
 }
 
 #[tokio::test]
+async fn an_agent_restarted_empty_keeps_instances_for_the_recovery_grace_only() {
+    let mut agent = Agent::start().await;
+    let addr = agent.addr;
+    let client = agent.client();
+    client
+        .register(&service("web-1", "web", 9001))
+        .await
+        .unwrap();
+    let opts = WatchOptions {
+        recovery_grace: Duration::from_secs(2),
+        ..quick_opts()
+    };
+    let watch = Watch::spawn(client.clone(), "web", opts);
+    let mut rx = watch.snapshots();
+    snapshot_where(&mut rx, DEADLINE, "web-1", |s| ids(s) == ["web-1"]).await;
+
+    agent.stop().await;
+    eventually("failures to pile up", || {
+        let failures = watch.status().consecutive_failures;
+        async move { failures >= 2 }
+    })
+    .await;
+    // Back, but empty: web-1 has not registered again (yet).
+    let _agent = Agent::start_at(addr).await;
+    eventually("the watcher to hear from the agent again", || {
+        let status = watch.status();
+        async move { status.is_healthy() }
+    })
+    .await;
+    let recovered = std::time::Instant::now();
+    assert_eq!(ids(&watch.current()), ["web-1"], "emptied at once");
+    // After the grace the agent's answer stands: nobody came back, so the set empties.
+    snapshot_where(&mut rx, DEADLINE, "the empty set after the grace", |s| {
+        s.as_ref().is_some_and(|s| s.instances.is_empty())
+    })
+    .await;
+    assert!(
+        recovered.elapsed() >= Duration::from_millis(1500),
+        "emptied before the grace ended: {:?}",
+        recovered.elapsed()
+    );
+    watch.stop().await;
+}
+
+#[tokio::test]
 async fn publishes_only_real_changes() {
     let agent = Agent::start().await;
     let client = agent.client();
