@@ -324,11 +324,23 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
     } else {
         Bytes::new()
     };
+    // What identifies a read for the view cache: the path and every parameter but the
+    // blocking ones, which change how long to wait, not the answer.
+    let mut view_key = path.clone();
+    for (k, v) in &query.0 {
+        if !matches!(k.as_str(), "index" | "wait" | "token") {
+            view_key.push('&');
+            view_key.push_str(k);
+            view_key.push('=');
+            view_key.push_str(v);
+        }
+    }
     let ctx = Ctx {
         shared,
         query,
         tail,
         body,
+        view_key,
     };
     let result = dispatch(route, &ctx).await;
     match result {
@@ -345,6 +357,8 @@ struct Ctx {
     query: Query,
     tail: String,
     body: Bytes,
+    /// Cache key of a read (see [`cached_view`]).
+    view_key: String,
 }
 
 async fn dispatch(route: Route, c: &Ctx) -> HResult {
@@ -688,24 +702,25 @@ where
         Duration::ZERO
     };
     let deadline = tokio::time::Instant::now() + b.wait + jitter;
-    let (value, index) = loop {
+    let (body, index) = loop {
         // Mark the current change as seen before reading, so a change that lands between the
         // read and the wait still wakes us.
-        changes.borrow_and_update();
-        let (value, index) = {
-            let store = c.shared.lock();
-            view(&store)
-        };
+        let seen = *changes.borrow_and_update();
+        let (body, index) = cached_view(c, seen, &view);
         if b.index == 0 || index > b.index || *stopping.borrow() {
-            break (value, index);
+            break (body, index);
         }
         tokio::select! {
-            r = changes.changed() => if r.is_err() { break (value, index) },
-            _ = stopping.changed() => break (value, index),
-            _ = tokio::time::sleep_until(deadline) => break (value, index),
+            r = changes.changed() => if r.is_err() { break (body, index) },
+            _ = stopping.changed() => break (body, index),
+            _ = tokio::time::sleep_until(deadline) => break (body, index),
         }
     };
-    let mut r = json_resp(&value);
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let h = r.headers_mut();
     // Consul never sends index 0: a client echoing it back would never block.
     let shown = index.max(1).to_string();
@@ -723,6 +738,53 @@ where
         HeaderValue::from_static("blocking-query"),
     );
     Ok(r)
+}
+
+/// Entries kept in the view cache before it is cleared; each is one distinct read.
+const VIEW_CACHE_MAX: usize = 4096;
+
+/// A read's encoded answer and index, shared by every request for the same read at the same
+/// store version: one change wakes every blocking watcher of a service at once, and without
+/// this each would rebuild and re-encode the same answer under the store lock.
+pub(crate) struct CachedView {
+    /// The change index (`Shared::changes`) the answer was computed at.
+    at: u64,
+    index: u64,
+    body: Bytes,
+}
+
+fn cached_view<T, F>(c: &Ctx, seen: u64, view: &F) -> (Bytes, u64)
+where
+    T: Serialize,
+    F: Fn(&Store) -> (T, u64),
+{
+    if let Some(hit) = c
+        .shared
+        .view_cache()
+        .get(&c.view_key)
+        .filter(|v| v.at == seen)
+    {
+        return (hit.body.clone(), hit.index);
+    }
+    let (value, index) = {
+        let store = c.shared.lock();
+        view(&store)
+    };
+    // Encode outside the store lock.
+    let body = Bytes::from(encode_json(&value));
+    let mut cache = c.shared.view_cache();
+    if cache.len() >= VIEW_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(
+        c.view_key.clone(),
+        CachedView {
+            at: seen,
+            index,
+            body: body.clone(),
+        },
+    );
+    (body, index)
 }
 
 fn decode_failed(e: decode::DecodeError) -> Fail {

@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) stopping: watch::Sender<bool>,
     pub(crate) probe_client: checks::ProbeClient,
     pub(crate) started: Instant,
+    /// Encoded answers of recent reads, by read (see `http::cached_view`).
+    view_cache: Mutex<std::collections::HashMap<String, http::CachedView>>,
 }
 
 impl Shared {
@@ -100,6 +102,7 @@ impl Shared {
             stopping,
             probe_client: checks::probe_client(),
             started: Instant::now(),
+            view_cache: Mutex::default(),
         }
     }
 
@@ -107,6 +110,13 @@ impl Shared {
     /// that matters more than stopping the agent would, so a poisoned lock is used as is.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The read cache; holds only encoded answers, so a poisoned lock is safe to reuse.
+    pub(crate) fn view_cache(
+        &self,
+    ) -> MutexGuard<'_, std::collections::HashMap<String, http::CachedView>> {
+        self.view_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Wakes blocking queries after a change.
