@@ -702,7 +702,9 @@ impl Body for ChannelBody {
 }
 
 /// How many requests per backend name, from answers' bodies.
-pub fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> std::collections::BTreeMap<String, u32> {
+pub fn tally<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<String, u32> {
     let mut m = std::collections::BTreeMap::new();
     for n in names {
         *m.entry(n.to_string()).or_insert(0) += 1;
@@ -739,9 +741,11 @@ impl LoadStats {
     /// Waits until `n` more requests than now have succeeded (or the deadline passes).
     pub async fn wait_more(&self, n: u64) {
         let target = self.ok() + n;
-        eventually(DEADLINE, &format!("{target} successful requests"), || async {
-            (self.ok() >= target).then_some(())
-        })
+        eventually(
+            DEADLINE,
+            &format!("{target} successful requests"),
+            || async { (self.ok() >= target).then_some(()) },
+        )
         .await;
     }
 }
@@ -779,11 +783,11 @@ impl Load {
                         Ok(a) if a.status == StatusCode::OK => {
                             stats.ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(a) => stats
-                            .errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("seq {seq}: {} {}", a.status, a.text())),
+                        Ok(a) => stats.errors.lock().unwrap().push(format!(
+                            "seq {seq}: {} {}",
+                            a.status,
+                            a.text()
+                        )),
                         Err(e) => {
                             stats
                                 .errors
@@ -809,11 +813,11 @@ impl Load {
                         Ok(a) if a.status == StatusCode::OK => {
                             stats.ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(a) => stats
-                            .errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("seq {seq}: {} {}", a.status, a.text())),
+                        Ok(a) => stats.errors.lock().unwrap().push(format!(
+                            "seq {seq}: {} {}",
+                            a.status,
+                            a.text()
+                        )),
                         Err(e) => stats
                             .errors
                             .lock()
