@@ -303,7 +303,11 @@ impl Task {
                 }
                 Err(err) => {
                     failures = failures.saturating_add(1);
-                    outage |= err.is_connect();
+                    // e2e fix: not only a refused connect; a blocking query whose connection
+                    // broke as the agent went away counts too. Otherwise an agent restarted
+                    // quickly (answering the retry, empty, with a higher clock-seeded index)
+                    // went unnoticed and its empty answer emptied the route at once.
+                    outage |= lost_contact(&err);
                     index = index_after_error(index, &err);
                     let delay = jitter(backoff_ceiling(
                         failures,
@@ -402,11 +406,20 @@ fn next_index(previous: u64, got: u64) -> IndexStep {
     }
 }
 
-/// The index to query next after a failed query: 0 after a connection failure, as the agent
-/// may have restarted with a new, lower index sequence and blocking on the old index could wait
-/// out the whole `wait` for nothing (consul-template does the same); otherwise unchanged.
+/// Whether a failed query lost contact with the agent: the connect failed, or the connection
+/// broke before the answer came (the agent went away mid-query). Either way the agent that
+/// answers next may be a new one, without the old one's registrations or index sequence. A
+/// timeout or an error status is not: the agent was there, merely slow or refusing.
+fn lost_contact(err: &Error) -> bool {
+    matches!(err, Error::Transport(_))
+}
+
+/// The index to query next after a failed query: 0 after contact with the agent was lost, as
+/// the agent may have restarted with a new, lower index sequence and blocking on the old index
+/// could wait out the whole `wait` for nothing (consul-template does the same after a refused
+/// connect; a connection broken mid-query is the same situation); otherwise unchanged.
 fn index_after_error(index: u64, err: &Error) -> u64 {
-    if err.is_connect() {
+    if lost_contact(err) {
         0
     } else {
         index
@@ -535,6 +548,15 @@ mod tests {
             "refused",
         )));
         assert_eq!(index_after_error(42, &refused), 0);
+        // A blocking query cut off as the agent went away (hyper: "connection closed before
+        // message completed") is no connect failure, but the agent may be a new one too.
+        let cut = Error::Transport(Box::new(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before message completed",
+        )));
+        assert!(!cut.is_connect());
+        assert!(lost_contact(&cut));
+        assert_eq!(index_after_error(42, &cut), 0);
         // The agent answered (or is merely slow): its index sequence is still valid.
         let status = Error::Status {
             status: 500,

@@ -1,0 +1,240 @@
+//! End to end: the launcher itself, `cluster` with no subcommand, as a user runs it: it brings
+//! up a dev agent, three workers and the balancer as its own children, stops them all on
+//! Ctrl-C (SIGINT) and leaves no process and no bound port behind. A taken port and a bad flag
+//! end it at once with a clear message and the documented exit code.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The launcher and the children it reported. Dropped while the launcher still runs (a failed
+/// test), it gets Ctrl-C first, so it stops its children in order; whatever is left after that
+/// is killed by PID.
+struct Launcher {
+    proc: Proc,
+    children: Vec<u32>,
+}
+
+/// Whether `pid` is a live process of the binary under test (not a reused PID).
+fn is_ours(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    // A zombie has an empty command line; it is gone as far as ports and work are concerned.
+    !argv0.is_empty() && Path::new(&*String::from_utf8_lossy(argv0)).ends_with(Path::new(BIN))
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if self.proc.try_status().is_none() {
+            self.proc.signal("INT");
+            let end = Instant::now() + Duration::from_secs(30);
+            while self.proc.try_status().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.proc.kill();
+        for pid in &self.children {
+            if is_ours(*pid) {
+                let _ = std::process::Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+    }
+}
+
+/// The PIDs in the launcher's summary (`... pid 1234)`), once the summary is complete.
+fn summary_pids(stdout: &str) -> Option<Vec<u32>> {
+    let summary = stdout.split("cluster is up:").nth(1)?;
+    if !summary.contains("Ctrl-C stops everything") {
+        return None;
+    }
+    let pids = summary
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("pid ").nth(1)?;
+            rest.trim_end_matches(')').trim().parse().ok()
+        })
+        .collect();
+    Some(pids)
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `cluster --agent-addr … --listen … --admin … --worker-port …` comes up, rotates requests
+/// over three workers, and on SIGINT exits 0 leaving no process and no bound port behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launcher_runs_the_cluster_and_stops_cleanly() {
+    let started = Instant::now();
+    let agent = free_addr();
+    let listen = free_addr();
+    let admin = free_addr();
+    let worker_port = free_ports(3);
+    let workers: Vec<SocketAddr> = (0..3).map(|i| addr(worker_port + i)).collect();
+    let proc = Proc::spawn(
+        "launcher",
+        &args(&[
+            "--agent-addr",
+            &agent.to_string(),
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--worker-port",
+            &worker_port.to_string(),
+        ]),
+    );
+    let mut l = Launcher {
+        proc,
+        children: Vec::new(),
+    };
+
+    wait_for(
+        "the launcher prints its summary",
+        Duration::from_secs(60),
+        || {
+            let done = l.proc.try_status();
+            assert!(
+                done.is_none(),
+                "the launcher exited early: {done:?}\n{}",
+                l.proc.logs()
+            );
+            std::future::ready(summary_pids(&l.proc.stdout()).is_some())
+        },
+    )
+    .await;
+    l.children = summary_pids(&l.proc.stdout()).unwrap();
+    assert_eq!(
+        l.children.len(),
+        5,
+        "agent, 3 workers, balancer: {}",
+        l.proc.stdout()
+    );
+    for pid in &l.children {
+        assert!(is_ours(*pid), "pid {pid} from the summary runs `cluster`");
+    }
+
+    // The launcher waits for the processes; the balancer learns the instances from Consul.
+    let consul = discovery::Client::new(discovery::ClientConfig::new(&agent.to_string()).unwrap());
+    let q = discovery::HealthQuery {
+        passing: true,
+        ..Default::default()
+    };
+    wait_for("three workers pass in the dev agent", DEADLINE, || async {
+        matches!(consul.health_service(SERVICE, &q).await, Ok((e, _)) if e.len() == 3)
+    })
+    .await;
+    wait_for(
+        "the balancer routes to three instances",
+        DEADLINE,
+        || async {
+            let Ok(r) = get(admin, "/status").await else {
+                return false;
+            };
+            let st: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            st["services"][0]["instances"].as_array().map(Vec::len) == Some(3)
+        },
+    )
+    .await;
+
+    let mut answers = Vec::new();
+    for i in 0..30 {
+        let r = get(listen, "/")
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+        answers.push(r);
+    }
+    let tally = tally(&answers);
+    assert_eq!(tally.len(), 3, "{tally:?}");
+    assert!(tally.values().all(|n| *n == 10), "{tally:?}");
+    for n in 1..=3 {
+        assert!(
+            answers
+                .iter()
+                .any(|a| a.body.contains(&format!("hello from worker {n}"))),
+            "worker {n} answers with its message"
+        );
+    }
+
+    l.proc.signal("INT");
+    let status = l.proc.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{}", l.proc.logs());
+    let out = l.proc.stdout();
+    for name in ["worker-1", "worker-2", "worker-3", "balancer", "agent"] {
+        assert!(
+            out.contains(&format!("cluster: {name} stopped")),
+            "{name} stopped cleanly:\n{out}"
+        );
+    }
+    // The launcher reaped its children before it exited: none is left.
+    for pid in &l.children {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || !is_ours(*pid),
+            "child {pid} is still running"
+        );
+    }
+    let mut all = vec![agent, listen, admin];
+    all.extend(&workers);
+    for a in all {
+        assert!(
+            port_is_free(a),
+            "{a} is still bound after the launcher exited"
+        );
+    }
+    eprintln!("launcher: {:?}", started.elapsed());
+}
+
+/// A port that is already taken: exit code 1 and a message naming it, before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launcher_names_a_taken_port() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    let (code, out, err) = run_to_end(
+        "launcher-taken",
+        &args(&[
+            "--agent-addr",
+            &free_addr().to_string(),
+            "--listen",
+            &taken.to_string(),
+            "--admin",
+            &free_addr().to_string(),
+            "--worker-port",
+            &free_ports(3).to_string(),
+        ]),
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&taken.to_string()) && err.contains("--listen"),
+        "the message names the port and its flag: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.contains("cluster is up"), "{out}");
+    drop(held);
+}
+
+/// A bad flag: exit code 64 (EX_USAGE) with clap's message, for the launcher and a component.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_flags_exit_64() {
+    for argv in [
+        &["--no-such-flag"][..],
+        &["--workers", "0"][..],
+        &["worker", "--no-such-flag"][..],
+        &["balancer", "--service", "web", "--listen", "not-an-address"][..],
+    ] {
+        let (code, out, err) = run_to_end("bad-flag", &args(argv), DEADLINE).await;
+        assert_eq!(code, 64, "{argv:?}: stdout: {out}\nstderr: {err}");
+        assert!(err.contains("error"), "{argv:?}: {err}");
+    }
+}
