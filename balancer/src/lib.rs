@@ -240,9 +240,11 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let app_c = Arc::clone(&app);
+        let client = Arc::new(proxy::Peer::new(peer));
         let svc = hyper::service::service_fn(move |req| {
             let app = Arc::clone(&app_c);
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, peer).await) }
+            let client = Arc::clone(&client);
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await) }
         });
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();

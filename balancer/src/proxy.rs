@@ -159,30 +159,51 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// The client end of a connection, with what every request on it forwards, computed once
+/// per connection rather than per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client IP as a header value, for `X-Forwarded-For`.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+}
+
 /// Rewrites the request head for the instance: origin-form URI, forwarding headers, `Host`
 /// kept (or taken from an HTTP/2 `:authority`).
-fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
-    let authority = parts.uri.authority().map(|a| a.to_string());
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+fn prepare(parts: &mut http::request::Parts, peer: &Peer) {
+    let authority = parts.uri.authority().cloned();
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let h = &mut parts.headers;
     if !h.contains_key(header::HOST) {
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             h.insert(header::HOST, v);
         }
     }
-    let ip = peer.ip().to_string();
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", peer.addr.ip())).ok()
+        }
+        _ => Some(peer.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert("x-forwarded-for", v);
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -195,7 +216,7 @@ fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
 pub async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let Some(route) = app.config.route_for(req.uri().path()) else {
@@ -229,7 +250,7 @@ async fn forward(
     app: &App,
     service: &ServiceState,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let backends = service.backends();
     if backends.list.is_empty() {
@@ -370,7 +391,7 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        prepare(&mut parts, "127.0.0.7:5555".parse().unwrap());
+        prepare(&mut parts, &Peer::new("127.0.0.7:5555".parse().unwrap()));
         assert_eq!(parts.uri, "/a/b?x=1");
         let h = &parts.headers;
         assert!(h.get("connection").is_none());
