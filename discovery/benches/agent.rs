@@ -87,21 +87,42 @@ async fn run(addr: &str, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
     let woke: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
     let mut tasks = Vec::with_capacity(WATCHERS);
     for _ in 0..WATCHERS {
-        // One client per watcher: each blocking query holds its own connection.
-        let c = Client::new(ClientConfig::new(addr)?);
+        // Raw HTTP/1.1 on its own connection per watcher: the time measured is when the
+        // agent's answer arrives, not how fast this process decodes 1,000 JSON bodies.
+        let addr = addr.to_string();
         let woke = Arc::clone(&woke);
         tasks.push(tokio::spawn(async move {
-            let q = HealthQuery {
-                index,
-                wait: Some(Duration::from_secs(60)),
-                ..Default::default()
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                return;
             };
-            let r = c.health_service("fanout", &q).await;
-            if let Ok((_, m)) = &r {
-                if m.index > index {
-                    if let Ok(mut w) = woke.lock() {
-                        w.push(Instant::now());
-                    }
+            let req = format!(
+                "GET /v1/health/service/fanout?index={index}&wait=60s HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+            );
+            if s.write_all(req.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            loop {
+                match s.read(&mut buf[got..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+                if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let at = Instant::now();
+            let head = String::from_utf8_lossy(&buf[..got]).to_ascii_lowercase();
+            let new_index = head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-consul-index: "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if new_index > index {
+                if let Ok(mut w) = woke.lock() {
+                    w.push(at);
                 }
             }
         }));

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::decode::{self, CheckDef};
+use super::filter::{self, Filter};
 use super::state::{self, Probe, Store, CRITICAL, PASSING, WARNING};
 use super::Shared;
 use crate::wire::{
@@ -166,6 +167,21 @@ fn fail(code: u16, msg: impl Into<String>) -> Fail {
 }
 
 type HResult = Result<Resp, Fail>;
+
+/// A bad `?filter=`: Consul answers the evaluator's error as a 500, on every endpoint.
+impl From<filter::FilterError> for Fail {
+    fn from(e: filter::FilterError) -> Self {
+        fail(500, e.to_string())
+    }
+}
+
+/// `?filter=`: none when absent or empty.
+fn request_filter(q: &Query) -> Result<Option<Filter>, Fail> {
+    match q.get("filter") {
+        None | Some("") => Ok(None),
+        Some(src) => Ok(Some(Filter::parse(src)?)),
+    }
+}
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
@@ -325,14 +341,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
         Bytes::new()
     };
     // What identifies a read for the view cache: the path and every parameter but the
-    // blocking ones, which change how long to wait, not the answer.
-    let mut view_key = path.clone();
+    // blocking ones, which change how long to wait, not the answer. Decoded values may hold
+    // `&` and `=` (`?tag=a%26filter%3Db` is not `?tag=a&filter=b`), so every part carries its
+    // length.
+    let mut view_key = format!("{}:{path}", path.len());
     for (k, v) in &query.0 {
         if !matches!(k.as_str(), "index" | "wait" | "token") {
-            view_key.push('&');
-            view_key.push_str(k);
-            view_key.push('=');
-            view_key.push_str(v);
+            view_key.push_str(&format!("&{}:{k}={}:{v}", k.len(), v.len()));
         }
     }
     let ctx = Ctx {
@@ -393,9 +408,9 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
             let name = c.tail.clone();
-            blocking(c, move |s| {
-                let entries = health_entries(s, &name, passing, &tags, &meta);
-                (entries, s.service_index(&name))
+            blocking(c, move |s, f| {
+                let entries = filter::retain(f, health_entries(s, &name, passing, &tags, &meta))?;
+                Ok((entries, s.service_index(&name)))
             })
             .await
         }
@@ -404,14 +419,14 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing service name"));
             }
             let name = c.tail.clone();
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let checks: Vec<HealthCheck> = s
                     .checks
                     .values()
                     .filter(|r| r.hc.service_name == name)
                     .map(|r| r.hc.clone())
                     .collect();
-                (checks, s.service_index(&name))
+                Ok((filter::retain(f, checks)?, s.service_index(&name)))
             })
             .await
         }
@@ -420,13 +435,13 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing node name"));
             }
             let node = c.tail.clone();
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let checks: Vec<HealthCheck> = if node == s.node.name {
                     s.checks.values().map(|r| r.hc.clone()).collect()
                 } else {
                     Vec::new()
                 };
-                (checks, s.checks_table_index())
+                Ok((filter::retain(f, checks)?, s.checks_table_index()))
             })
             .await
         }
@@ -438,29 +453,37 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             if !matches!(state.as_str(), "any" | PASSING | WARNING | CRITICAL) {
                 return Err(fail(400, "Bad check state"));
             }
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let checks: Vec<HealthCheck> = s
                     .checks
                     .values()
                     .filter(|r| state == "any" || r.hc.status == state)
                     .map(|r| r.hc.clone())
                     .collect();
-                (checks, s.checks_table_index())
+                Ok((filter::retain(f, checks)?, s.checks_table_index()))
             })
             .await
         }
         Route::CatalogServices => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
                 if node_matches(s, &meta) {
+                    let node = s.node_wire();
                     for r in s.services.values() {
+                        // Consul filters the service nodes (`ServiceNode` selectors), then
+                        // lists what is left.
+                        if let Some(f) = f {
+                            if !f.matches(&catalog_service(&node, &r.svc))? {
+                                continue;
+                            }
+                        }
                         out.entry(r.svc.service.clone())
                             .or_default()
                             .extend(r.svc.tags.iter().cloned());
                     }
                 }
-                (out, s.services_table_index())
+                Ok((out, s.services_table_index()))
             })
             .await
         }
@@ -471,7 +494,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let name = c.tail.clone();
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let node = s.node_wire();
                 let rows: Vec<CatalogService> = s
                     .services
@@ -480,36 +503,38 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                     .filter(|_| node_matches(s, &meta))
                     .map(|r| catalog_service(&node, &r.svc))
                     .collect();
-                (rows, s.service_index(&name))
+                Ok((filter::retain(f, rows)?, s.service_index(&name)))
             })
             .await
         }
         Route::CatalogNodes => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let nodes = if node_matches(s, &meta) {
                     vec![s.node_wire()]
                 } else {
                     Vec::new()
                 };
-                (nodes, s.node_index())
+                Ok((filter::retain(f, nodes)?, s.node_index()))
             })
             .await
         }
         Route::CatalogNode => {
             let node = c.tail.clone();
-            blocking(c, move |s| {
+            blocking(c, move |s, f| {
                 let v = if node == s.node.name {
                     let services: BTreeMap<String, NodeService> = s
                         .services
                         .iter()
                         .map(|(id, r)| (id.clone(), r.svc.clone()))
                         .collect();
+                    // Consul filters the node's services.
+                    let services = filter::retain_values(f, services)?;
                     json!({"Node": s.node_wire(), "Services": services})
                 } else {
                     Value::Null
                 };
-                (v, s.node_index())
+                Ok((v, s.node_index()))
             })
             .await
         }
@@ -610,6 +635,8 @@ struct Blocking {
     index: u64,
     wait: Duration,
     consistency: &'static str,
+    /// `?filter=`, applied by the view to each result item.
+    filter: Option<Filter>,
 }
 
 fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
@@ -662,12 +689,8 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
             return Err(fail(500, "No path to datacenter"));
         }
     }
-    if q.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(fail(
-            501,
-            "The dev agent does not evaluate ?filter expressions; use ?tag and ?passing",
-        ));
-    }
+    // Last, as Consul's server builds the evaluator after every parameter check.
+    let filter = request_filter(q)?;
     Ok(Blocking {
         index,
         wait,
@@ -678,15 +701,17 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
         } else {
             "leader"
         },
+        filter,
     })
 }
 
 /// Runs `view` now, or, with `?index=N`, again after each change until its index passes
 /// `N` or the wait (plus up to wait/16 of jitter) is over. Returns with Consul's headers.
+/// The view gets the request's `?filter=` and fails when it cannot be evaluated.
 async fn blocking<T, F>(c: &Ctx, view: F) -> HResult
 where
     T: Serialize,
-    F: Fn(&Store) -> (T, u64),
+    F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
     let b = parse_blocking(c)?;
     let mut changes = c.shared.changes.subscribe();
@@ -706,7 +731,7 @@ where
         // Mark the current change as seen before reading, so a change that lands between the
         // read and the wait still wakes us.
         let seen = *changes.borrow_and_update();
-        let (body, index) = cached_view(c, seen, &view);
+        let (body, index) = cached_view(c, seen, b.filter.as_ref(), &view)?;
         if b.index == 0 || index > b.index || *stopping.borrow() {
             break (body, index);
         }
@@ -753,10 +778,16 @@ pub(crate) struct CachedView {
     body: Bytes,
 }
 
-fn cached_view<T, F>(c: &Ctx, seen: u64, view: &F) -> (Bytes, u64)
+/// The key includes `?filter=`, so each filtered read is cached apart; failures are not cached.
+fn cached_view<T, F>(
+    c: &Ctx,
+    seen: u64,
+    filter: Option<&Filter>,
+    view: &F,
+) -> Result<(Bytes, u64), Fail>
 where
     T: Serialize,
-    F: Fn(&Store) -> (T, u64),
+    F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
     if let Some(hit) = c
         .shared
@@ -764,11 +795,11 @@ where
         .get(&c.view_key)
         .filter(|v| v.at == seen)
     {
-        return (hit.body.clone(), hit.index);
+        return Ok((hit.body.clone(), hit.index));
     }
     let (value, index) = {
         let store = c.shared.lock();
-        view(&store)
+        view(&store, filter)?
     };
     // Encode outside the store lock.
     let body = Bytes::from(encode_json(&value));
@@ -784,7 +815,7 @@ where
             body: body.clone(),
         },
     );
-    (body, index)
+    Ok((body, index))
 }
 
 fn decode_failed(e: decode::DecodeError) -> Fail {
@@ -1245,12 +1276,7 @@ fn agent_service_wire(shared: &Shared, svc: &NodeService) -> AgentService {
 }
 
 fn agent_services(c: &Ctx) -> HResult {
-    if c.query.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(fail(
-            501,
-            "The dev agent does not evaluate ?filter expressions",
-        ));
-    }
+    let filter = request_filter(&c.query)?;
     let store = c.shared.lock();
     let out: BTreeMap<String, AgentService> = store
         .services
@@ -1258,7 +1284,8 @@ fn agent_services(c: &Ctx) -> HResult {
         .filter(|(_, r)| !r.catalog_only)
         .map(|(id, r)| (id.clone(), agent_service_wire(&c.shared, &r.svc)))
         .collect();
-    Ok(json_resp(&out))
+    drop(store);
+    Ok(json_resp(&filter::retain_values(filter.as_ref(), out)?))
 }
 
 /// A stable hash of a service's content, for hash-based blocking (`X-Consul-ContentHash`).
@@ -1320,12 +1347,7 @@ async fn agent_service(c: &Ctx) -> HResult {
 }
 
 fn agent_checks(c: &Ctx) -> HResult {
-    if c.query.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(fail(
-            501,
-            "The dev agent does not evaluate ?filter expressions",
-        ));
-    }
+    let filter = request_filter(&c.query)?;
     let store = c.shared.lock();
     // serfHealth belongs to the catalog, not to the agent's local checks.
     let out: BTreeMap<String, HealthCheck> = store
@@ -1334,7 +1356,8 @@ fn agent_checks(c: &Ctx) -> HResult {
         .filter(|(id, _)| id.as_str() != "serfHealth")
         .map(|(id, r)| (id.clone(), r.hc.clone()))
         .collect();
-    Ok(json_resp(&out))
+    drop(store);
+    Ok(json_resp(&filter::retain_values(filter.as_ref(), out)?))
 }
 
 /// `GET /v1/agent/health/service/{id,name}/...`: the status in the HTTP code (200, 429, 503).
@@ -1465,13 +1488,9 @@ fn members(c: &Ctx) -> HResult {
     if wan && c.query.has("segment") {
         return Err(fail(400, "Cannot provide a segment with wan=true"));
     }
-    if c.query.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(fail(
-            501,
-            "The dev agent does not evaluate ?filter expressions",
-        ));
-    }
-    Ok(json_resp(&[member(&c.shared, wan)]))
+    let filter = request_filter(&c.query)?;
+    let members = filter::retain(filter.as_ref(), vec![member(&c.shared, wan)])?;
+    Ok(json_resp(&members))
 }
 
 fn agent_self(shared: &Shared) -> Value {

@@ -13,6 +13,7 @@
 
 mod checks;
 mod decode;
+mod filter;
 mod http;
 mod state;
 
