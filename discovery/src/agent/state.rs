@@ -303,13 +303,6 @@ impl Store {
         let mut keep = Vec::new();
         for (def, probe, deregister_after) in checks {
             keep.push(def.id.clone());
-            let definition = check_definition_json(&def);
-            let (kind, interval, timeout) = check_kind(&probe, &def);
-            let output_max = if def.output_max_size > 0 {
-                def.output_max_size as usize
-            } else {
-                DEFAULT_OUTPUT_MAX
-            };
             let old = self.checks.get(&def.id);
             let unchanged = old.is_some_and(|o| {
                 o.probe == probe
@@ -322,57 +315,10 @@ impl Store {
             if unchanged {
                 continue;
             }
-            // Re-registration keeps the live status and output of a check with the same ID.
-            let (status, output, since, create) = match old {
-                Some(o) => (
-                    o.hc.status.clone(),
-                    o.hc.output.clone(),
-                    o.critical_since,
-                    Some(o.hc.create_index),
-                ),
-                None => {
-                    let st = if def.status.is_empty() {
-                        CRITICAL.to_string()
-                    } else {
-                        def.status.clone()
-                    };
-                    let since = (st == CRITICAL).then(Instant::now);
-                    (st, String::new(), since, None)
-                }
-            };
             let i = idx(self);
-            let generation = self.next_generation();
-            let ttl_deadline = match &probe {
-                Probe::Ttl(ttl) => Some(watch::channel(Instant::now() + *ttl).0),
-                _ => None,
-            };
-            let row = CheckRow {
-                hc: HealthCheck {
-                    node: self.node.name.clone(),
-                    check_id: def.id.clone(),
-                    name: def.name.clone(),
-                    status,
-                    notes: def.notes.clone(),
-                    output,
-                    service_id: id.clone(),
-                    service_name: name.clone(),
-                    service_tags: tags.clone(),
-                    kind: kind.into(),
-                    interval,
-                    timeout,
-                    exposed_port: 0,
-                    definition,
-                    create_index: create.unwrap_or(i),
-                    modify_index: i,
-                },
-                probe: probe.clone(),
-                generation,
-                runner: None,
-                ttl_deadline,
-                critical_since: since,
-                deregister_after,
-                output_max,
-            };
+            let service = (id.clone(), name.clone(), tags.clone());
+            let row = self.check_row(&def, &probe, deregister_after, service, i);
+            let generation = row.generation;
             self.checks.insert(def.id.clone(), row);
             new_runners.push((def.id.clone(), generation, probe));
             changed_checks = true;
@@ -482,14 +428,36 @@ impl Store {
             Some(r) => (r.svc.id.clone(), r.svc.service.clone(), r.svc.tags.clone()),
             None => (String::new(), String::new(), Vec::new()),
         };
-        let (kind, interval, timeout) = check_kind(&probe, &def);
-        let old = self.checks.get(&def.id);
-        let (status, output, since, create) = match old {
+        let i = self.next_index();
+        let service = (service_id, service_name.clone(), tags);
+        let row = self.check_row(&def, &probe, deregister_after, service, i);
+        let generation = row.generation;
+        self.checks.insert(def.id.clone(), row);
+        let service = (!service_name.is_empty()).then_some(service_name);
+        self.touch(service.as_deref(), false, true, i);
+        Applied {
+            changed: true,
+            new_runners: vec![(def.id, generation, probe)],
+        }
+    }
+
+    /// A new row for check `def` at index `i`, for the service `(id, name, tags)` (empty for a
+    /// node check). A check that already exists under the ID keeps its live status, output and
+    /// creation index: re-registering must not flap a passing check back to critical.
+    fn check_row(
+        &mut self,
+        def: &CheckDef,
+        probe: &Probe,
+        deregister_after: Option<Duration>,
+        (service_id, service_name, service_tags): (String, String, Vec<String>),
+        i: u64,
+    ) -> CheckRow {
+        let (status, output, critical_since, create) = match self.checks.get(&def.id) {
             Some(o) => (
                 o.hc.status.clone(),
                 o.hc.output.clone(),
                 o.critical_since,
-                Some(o.hc.create_index),
+                o.hc.create_index,
             ),
             None => {
                 let st = if def.status.is_empty() {
@@ -498,21 +466,15 @@ impl Store {
                     def.status.clone()
                 };
                 let since = (st == CRITICAL).then(Instant::now);
-                (st, String::new(), since, None)
+                (st, String::new(), since, i)
             }
         };
-        let i = self.next_index();
-        let generation = self.next_generation();
-        let ttl_deadline = match &probe {
+        let (kind, interval, timeout) = check_kind(probe, def);
+        let ttl_deadline = match probe {
             Probe::Ttl(ttl) => Some(watch::channel(Instant::now() + *ttl).0),
             _ => None,
         };
-        let output_max = if def.output_max_size > 0 {
-            def.output_max_size as usize
-        } else {
-            DEFAULT_OUTPUT_MAX
-        };
-        let row = CheckRow {
+        CheckRow {
             hc: HealthCheck {
                 node: self.node.name.clone(),
                 check_id: def.id.clone(),
@@ -521,30 +483,27 @@ impl Store {
                 notes: def.notes.clone(),
                 output,
                 service_id,
-                service_name: service_name.clone(),
-                service_tags: tags,
+                service_name,
+                service_tags,
                 kind: kind.into(),
                 interval,
                 timeout,
                 exposed_port: 0,
-                definition: check_definition_json(&def),
-                create_index: create.unwrap_or(i),
+                definition: check_definition_json(def),
+                create_index: create,
                 modify_index: i,
             },
             probe: probe.clone(),
-            generation,
+            generation: self.next_generation(),
             runner: None,
             ttl_deadline,
-            critical_since: since,
+            critical_since,
             deregister_after,
-            output_max,
-        };
-        self.checks.insert(def.id.clone(), row);
-        let service = (!service_name.is_empty()).then_some(service_name);
-        self.touch(service.as_deref(), false, true, i);
-        Applied {
-            changed: true,
-            new_runners: vec![(def.id, generation, probe)],
+            output_max: if def.output_max_size > 0 {
+                def.output_max_size as usize
+            } else {
+                DEFAULT_OUTPUT_MAX
+            },
         }
     }
 
