@@ -213,11 +213,7 @@ fn prepare(parts: &mut http::request::Parts, peer: &Peer) {
 }
 
 /// Handles one client request. Never fails: every failure becomes an answer.
-pub async fn handle(
-    app: Arc<App>,
-    req: Request<Incoming>,
-    peer: &Peer,
-) -> Response<ProxyBody> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
     let started = Instant::now();
     let Some(route) = app.config.route_for(req.uri().path()) else {
         app.no_route.fetch_add(1, Ordering::Relaxed);
