@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The Vagrant demo's steps, run from the host after `vagrant up` (deploy/README.md):
+#
+#   deploy/demo.sh                 rotate, members, services, status, stop and start worker2
+#   deploy/demo.sh rotate [N]      N requests (default 6) through the balancer
+#   deploy/demo.sh members         `consul members` on the Consul server
+#   deploy/demo.sh services        the nodes where "web" is registered, as Consul sees them
+#   deploy/demo.sh stop WORKER     stop the worker service on a VM (it leaves Consul, then drains)
+#   deploy/demo.sh start WORKER    start it again
+#   deploy/demo.sh halt WORKER     `vagrant halt` the whole VM; `deploy/demo.sh up WORKER` to return
+#   deploy/demo.sh status          the balancer's status page
+#
+# BALANCER_URL / ADMIN_URL default to the ports Vagrant forwards (127.0.0.1:8080 and :8081);
+# http://192.168.56.11:8080 and :8081 reach the balancer VM directly. Use the same
+# CONSUL_SERVERS and WORKERS settings as for `vagrant up`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+balancer_url=${BALANCER_URL:-http://127.0.0.1:8080}
+admin_url=${ADMIN_URL:-http://127.0.0.1:8081}
+if [[ "${CONSUL_SERVERS:-1}" == 1 ]]; then server=consul; else server=consul1; fi
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+step() {
+  if [[ -t 1 ]]; then
+    printf '\n\033[1m$ %s\033[0m\n' "$*"
+  else
+    printf '\n$ %s\n' "$*"
+  fi
+}
+
+rotate() {
+  local n=${1:-6}
+  step "for i in \$(seq $n); do curl -s $balancer_url/; done"
+  for _ in $(seq "$n"); do
+    curl -sS --max-time 5 "$balancer_url/" || true
+  done
+}
+
+members() {
+  step "vagrant ssh $server -c 'consul members'"
+  vagrant ssh "$server" -c 'consul members'
+}
+
+services() {
+  step "vagrant ssh $server -c 'consul catalog nodes -service=web'"
+  vagrant ssh "$server" -c 'consul catalog nodes -service=web'
+}
+
+status() {
+  step "curl -s $admin_url/status"
+  curl -sS --max-time 5 "$admin_url/status"
+  echo
+}
+
+# Waits up to 30 s until the balancer's answers include (want=1) or exclude (want=0) $1.
+wait_rotation() {
+  local name=$1 want=$2 seen
+  for _ in $(seq 30); do
+    seen=0
+    for _ in $(seq 6); do
+      if curl -s --max-time 2 "$balancer_url/" | grep -q "^$name "; then seen=1; fi
+    done
+    ((seen == want)) && return 0
+    sleep 1
+  done
+  echo "(after 30 s $name is $( ((want)) && echo 'still not' || echo 'still') in the rotation)" >&2
+}
+
+worker_arg() {
+  [[ "${1:-}" =~ ^worker[0-9]+$ ]] || {
+    echo "usage: $0 ${2} workerN" >&2
+    exit 64
+  }
+}
+
+case "${1:-all}" in
+  rotate) rotate "${2:-6}" ;;
+  members) members ;;
+  services) services ;;
+  status) status ;;
+  stop)
+    worker_arg "${2:-}" stop
+    step "vagrant ssh $2 -c 'sudo systemctl stop worker'"
+    vagrant ssh "$2" -c 'sudo systemctl stop worker'
+    wait_rotation "$2" 0
+    ;;
+  start)
+    worker_arg "${2:-}" start
+    step "vagrant ssh $2 -c 'sudo systemctl start worker'"
+    vagrant ssh "$2" -c 'sudo systemctl start worker'
+    wait_rotation "$2" 1
+    ;;
+  halt)
+    worker_arg "${2:-}" halt
+    step "vagrant halt $2"
+    vagrant halt "$2"
+    wait_rotation "$2" 0
+    ;;
+  up)
+    worker_arg "${2:-}" up
+    step "vagrant up $2"
+    vagrant up "$2"
+    wait_rotation "$2" 1
+    ;;
+  all)
+    rotate 6
+    members
+    services
+    status
+    step "# worker2 leaves: systemd stops it, it deregisters, drains and exits"
+    "$0" stop worker2
+    rotate 6
+    services
+    step "# worker2 comes back"
+    "$0" start worker2
+    rotate 6
+    ;;
+  help | -h | --help) usage ;;
+  *)
+    usage >&2
+    exit 64
+    ;;
+esac
