@@ -60,9 +60,11 @@ pub struct Args {
     /// Longest Consul blocking-query wait.
     #[arg(long, value_parser = dur, default_value = "60s")]
     pub watch_wait: Duration,
-    /// Worker threads (default: one per CPU).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Threads serving requests: 1 (the default) runs everything on one thread, which
+    /// measured cheapest per request on a 2-core machine (README, Benchmarks); N > 1 uses a
+    /// work-stealing pool of N threads; 0 means one per CPU.
+    #[arg(long, env = "BALANCER_THREADS", default_value_t = 1)]
+    pub threads: usize,
 }
 
 fn dur(s: &str) -> Result<Duration, String> {
@@ -82,8 +84,8 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    if cli.max_connections == 0 || cli.threads == Some(0) {
-        return usage("--max-connections and --threads must be at least 1");
+    if cli.max_connections == 0 {
+        return usage("--max-connections must be at least 1");
     }
     config.connect_timeout = cli.connect_timeout;
     config.upstream_timeout = cli.upstream_timeout;
@@ -120,16 +122,17 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     let client = discovery::Client::new(consul.with_token(token));
 
     // One thread: a current-thread runtime, which skips the work-stealing scheduler's
-    // cross-thread wake-ups; on a small box shared with the instances that is the cheapest
-    // per request.
+    // cross-thread wake-ups. Measured with ../shared/bench on 2 cores shared with the load
+    // generator and the instances: ~39k requests per CPU-second on one thread, ~22k on the
+    // default two-thread pool.
     let mut rt = match cli.threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);
             b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
