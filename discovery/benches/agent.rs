@@ -94,19 +94,19 @@ async fn run(addr: &str, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
         tasks.push(tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
-                return;
+                return None;
             };
             let req = format!(
                 "GET /v1/health/service/fanout?index={index}&wait=60s HTTP/1.1\r\nHost: {addr}\r\n\r\n"
             );
             if s.write_all(req.as_bytes()).await.is_err() {
-                return;
+                return None;
             }
             let mut buf = vec![0u8; 64 * 1024];
             let mut got = 0;
             loop {
                 match s.read(&mut buf[got..]).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return None,
                     Ok(n) => got += n,
                 }
                 if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -125,15 +125,23 @@ async fn run(addr: &str, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
                     w.push(at);
                 }
             }
+            // Keep the connection open until every watcher has its answer, as a watcher on a
+            // keep-alive connection would: closing it now would add teardown work to the
+            // agent while it is still answering the others.
+            Some(s)
         }));
     }
     // Let every watcher reach the agent and block (a benchmark may wait; a test would poll).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let changed_at = Instant::now();
     client.register(&reg("fanout", "fanout-2", 2)).await?;
+    let mut open = Vec::with_capacity(WATCHERS);
     for t in tasks {
-        let _ = t.await;
+        if let Ok(Some(s)) = t.await {
+            open.push(s);
+        }
     }
+    drop(open);
     let mut lat: Vec<Duration> = woke
         .lock()
         .map(|w| {
