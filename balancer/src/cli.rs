@@ -8,7 +8,7 @@ use std::future::Future;
 
 use crate::config::{self, Config, Route};
 use clap::Parser;
-use discovery::cli::EXIT_USAGE;
+use discovery::cli::{parse_duration, usage};
 
 /// A Consul-aware round-robin reverse proxy: routes each request to the next healthy
 /// instance of a Consul service, watching the catalog with blocking queries.
@@ -37,19 +37,20 @@ pub struct Args {
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     pub consul_token: Option<String>,
     /// Connect timeout to an instance; a refused or timed-out connect moves on to the next.
-    #[arg(long, value_parser = dur, default_value = "1s")]
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
     /// Time an instance gets to send its response head before the client gets 504.
-    #[arg(long, value_parser = dur, default_value = "30s")]
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
     /// Time a client gets to send its request head.
-    #[arg(long, value_parser = dur, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
-    /// Idle pooled connections to instances are closed after this.
-    #[arg(long, value_parser = dur, default_value = "30s")]
+    /// Idle pooled connections to instances are closed after this; keep it below the
+    /// instances' own keep-alive idle limit.
+    #[arg(long, value_parser = parse_duration, default_value = "20s")]
     pub pool_idle_timeout: Duration,
     /// Deadline for in-flight requests on shutdown.
-    #[arg(long, value_parser = dur, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
     /// Most client connections open at once; more wait in the listen backlog.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
@@ -58,22 +59,13 @@ pub struct Args {
     #[arg(long, default_value_t = config::DEFAULT_RETRIES)]
     pub retries: u32,
     /// Longest Consul blocking-query wait.
-    #[arg(long, value_parser = dur, default_value = "60s")]
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub watch_wait: Duration,
     /// Threads serving requests: 1 (the default) runs everything on one thread, which
     /// measured cheapest per request on a 2-core machine (README, Benchmarks); N > 1 uses a
     /// work-stealing pool of N threads; 0 means one per CPU.
     #[arg(long, env = "BALANCER_THREADS", default_value_t = 1)]
     pub threads: usize,
-}
-
-fn dur(s: &str) -> Result<Duration, String> {
-    discovery::duration::parse(s).map_err(|e| e.to_string())
-}
-
-fn usage(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(EXIT_USAGE)
 }
 
 /// Runs the balancer with parsed flags until `shutdown` completes; returns the exit code

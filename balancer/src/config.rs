@@ -9,9 +9,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a client gets to send its request head.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default idle time of a pooled upstream connection; below common keep-alive timeouts
-/// (nginx 75 s, Go 90 s) so the balancer, not the instance, closes idle connections.
-pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle time of a pooled upstream connection; below the instances' own idle limits
+/// (our worker closes idle keep-alive connections at 30 s, nginx at 75 s, Go at 90 s) so the
+/// balancer, not the instance, closes them, and a request never races an instance's close.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default deadline for in-flight requests on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default cap on concurrent client connections.

@@ -154,32 +154,6 @@ fn start_discovery(
     tasks
 }
 
-/// Waits, without consuming anything, until the client's first bytes tell HTTP/1 from the
-/// HTTP/2 preface (or the client closed); false if that takes longer than `within`.
-///
-/// hyper-util's auto builder reads those bytes with no deadline, and hyper's
-/// `header_read_timeout` only starts once the protocol is known: without this bound a client
-/// that connects and sends nothing (or part of a preface) would hold a connection slot, and
-/// delay a graceful shutdown, forever.
-async fn protocol_decided(stream: &tokio::net::TcpStream, within: Duration) -> bool {
-    const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut buf = [0u8; 24];
-    tokio::time::timeout(within, async {
-        loop {
-            match stream.peek(&mut buf).await {
-                Ok(n) if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] => return,
-                // Part of a preface: `peek` returns at once while bytes wait unread, so poll
-                // (rare: real HTTP/2 clients send the preface in one write).
-                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                // hyper meets the same error and reports it.
-                Err(_) => return,
-            }
-        }
-    })
-    .await
-    .is_ok()
-}
-
 /// Runs the balancer: proxies on `listener`, admin on `admin`, discovery through `client`
 /// (or none, for services fed with [`ServiceState::set_static`] through `prepare`), until
 /// `shutdown` completes; then stops accepting and drains within `shutdown_grace`.
@@ -252,7 +226,7 @@ pub async fn run(
         let app_c = Arc::clone(&app);
         app_c.connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if protocol_decided(&stream, header_read_timeout).await {
+            if discovery::serve::protocol_decided(&stream, header_read_timeout).await {
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");

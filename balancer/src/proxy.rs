@@ -72,6 +72,10 @@ impl Body for ProxyBody {
 #[derive(Debug)]
 pub enum ProxyError {
     NoRoute,
+    /// The client's request could not be read to the end.
+    BadRequest {
+        cause: String,
+    },
     NoHealthyInstance {
         service: String,
     },
@@ -91,6 +95,10 @@ impl ProxyError {
     /// The one mapping from failure to status code and short body.
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, body) = match &self {
+            ProxyError::BadRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read\n".to_string(),
+            ),
             ProxyError::NoRoute => (
                 StatusCode::NOT_FOUND,
                 "no route for this path\n".to_string(),
@@ -197,11 +205,18 @@ fn prepare(parts: &mut http::request::Parts, peer: &Peer) {
             h.insert(header::HOST, v);
         }
     }
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            HeaderValue::from_str(&format!("{prev}, {}", peer.addr.ip())).ok()
-        }
-        _ => Some(peer.ip.clone()),
+    // Earlier hops may have sent several X-Forwarded-For lines: keep them all, in order.
+    let prev: Vec<&str> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let xff = if prev.is_empty() {
+        Some(peer.ip.clone())
+    } else {
+        HeaderValue::from_str(&format!("{}, {}", prev.join(", "), peer.addr.ip())).ok()
     };
     if let Some(v) = xff {
         h.insert("x-forwarded-for", v);
@@ -232,6 +247,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
                 ProxyError::Timeout { service, instance } => {
                     tracing::warn!(%service, %instance, "instance did not answer in time");
                 }
+                ProxyError::BadRequest { cause } => {
+                    tracing::debug!(%cause, "client request body failed");
+                }
                 _ => {}
             }
             let resp = e.into_response();
@@ -258,7 +276,8 @@ async fn forward(
     prepare(&mut parts, peer);
     let bodiless = body.is_end_stream();
     let replayable = bodiless && is_idempotent(&parts.method);
-    // The body to send next. `None` once a body went out with a failed attempt.
+    // The body to send next: taken by each attempt, and put back by every path that tries
+    // again (so it is always `Some` at the top of the loop).
     let mut body = Some(if bodiless {
         UpBody::Empty
     } else {
@@ -326,6 +345,13 @@ async fn forward(
                 return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));
             }
             Ok(Err(mut e)) => {
+                if e.error().is_user() {
+                    // The client's own body failed (bad chunking, a reset stream, a client
+                    // gone mid-upload): not the instance's fault, and not retryable.
+                    return Err(ProxyError::BadRequest {
+                        cause: e.error().to_string(),
+                    });
+                }
                 backend.failures.fetch_add(1, Ordering::Relaxed);
                 last_error = Some(format!("{}: {}", backend.authority, e.error()));
                 if let Some(unsent) = e.take_message() {

@@ -84,7 +84,8 @@ impl ServiceState {
             })
             .collect();
         let ids: Vec<&str> = list.iter().map(|b| b.instance.id.as_str()).collect();
-        tracing::info!(service = %self.name, index = snapshot.index, instances = ?ids, "routing table updated");
+        // The watcher already logs the change at info.
+        tracing::debug!(service = %self.name, index = snapshot.index, instances = ?ids, "routing table updated");
         self.backends.store(Arc::new(Backends {
             list,
             index: snapshot.index,

@@ -766,3 +766,29 @@ async fn test_backend_kill_closes_listener_and_connections() {
     let refused = TcpStream::connect(b.addr).await;
     assert!(refused.is_err(), "new connections are refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_client_body_is_the_clients_fault() {
+    // A chunked upload whose chunk size is not hex: the client's body fails while it is being
+    // forwarded. The client gets a 4xx (or a closed connection), never a 502, and the
+    // instance is not counted as failing.
+    let b = Backend::start("b1").await;
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", vec![b.instance("web")])]).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+    )
+    .await
+    .unwrap();
+    let (got, _) = read_until_closed(&mut s, DEADLINE).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || got.starts_with("HTTP/1.1 4"),
+        "{:?}",
+        &got[..got.len().min(200)]
+    );
+    let status = lb.service_status("web").await;
+    assert_eq!(status["instances"][0]["failures"], 0, "{status}");
+    assert_eq!(status["instances"][0]["ejected"], false, "{status}");
+    lb.stop().await;
+}

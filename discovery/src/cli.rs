@@ -90,7 +90,8 @@ pub struct ServicesArgs {
     pub tags: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// A clap value parser for Go duration strings (`10s`, `1m30s`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::duration::parse(s).map_err(|e| e.to_string())
 }
 
@@ -125,7 +126,9 @@ pub fn init_tracing() {
         .try_init();
 }
 
-fn usage(msg: impl std::fmt::Display) -> ExitCode {
+/// Prints `error: <msg>` and returns exit code 64, for configuration a flag parser accepted
+/// but the program cannot use.
+pub fn usage(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {msg}");
     ExitCode::from(EXIT_USAGE)
 }

@@ -124,7 +124,12 @@ pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
                 frac_ns = frac_ns * 10 + u128::from(d - b'0');
                 div *= 10;
             }
-            value += frac_ns * scale / div;
+            // Checked: absurd inputs (`?wait=` is user input) must be an error, not overflow.
+            value = frac_ns
+                .checked_mul(scale)
+                .map(|v| v / div)
+                .and_then(|f| value.checked_add(f))
+                .ok_or_else(invalid)?;
         }
         total = total.checked_add(value).ok_or_else(invalid)?;
         if total > i64::MAX as u128 {
@@ -216,6 +221,8 @@ mod tests {
         assert!(parse("").is_err());
         assert!(parse(".s").is_err());
         assert!(parse("-1s").is_err());
+        assert!(parse("340282366920938463463374607431.9s").is_err());
+        assert!(parse("99999999999999999999.99999999999999999999h").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`agent`]: `discovery agent --dev`, a single-node in-memory agent.
 //! - [`duration`]: Go duration strings, as Consul reads and writes them.
 //! - [`cli`]: the `discovery` command line (`agent`, `members`, `services`).
+//! - [`serve`]: pieces shared by the project's HTTP servers.
 
 pub mod agent;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod duration;
 pub mod error;
 pub mod register;
+pub mod serve;
 pub mod watch;
 pub mod wire;
 

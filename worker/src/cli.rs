@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use discovery::cli::parse_duration;
 use discovery::register::LeaveMode;
 use discovery::ClientConfig;
 
@@ -162,10 +163,6 @@ pub enum LeaveArg {
     Deregister,
     /// Maintenance on, then deregister.
     Maintenance,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    discovery::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {

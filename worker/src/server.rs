@@ -99,6 +99,8 @@ async fn accept_loop(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    // Shared with the connection tasks, which serve only once the protocol is known.
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -144,13 +146,19 @@ async fn accept_loop(
             let st = st.clone();
             async move { handle(&st, peer, req).await }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
         conns.spawn(
             async move {
-                if let Err(e) = conn.await {
+                // hyper-util reads the first bytes with no deadline; a client that never
+                // sends any must not hold a connection slot forever.
+                if !discovery::serve::protocol_decided(&stream, HEADER_READ_TIMEOUT).await {
+                    tracing::debug!("no request within the header read timeout; closing");
+                    drop(permit);
+                    return;
+                }
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = watcher.watch(conn).await {
                     // Clients that vanish mid-request are routine; not worth more than debug.
                     tracing::debug!(
                         error = %discovery::error::chain(e.as_ref()),

@@ -37,13 +37,9 @@ pub(crate) fn spawn(
             let rx = ttl?;
             Some(tokio::spawn(run_ttl(weak, check_id, generation, rx)))
         }
-        Probe::Http(def) | Probe::Tcp(def) => Some(tokio::spawn(run_interval(
-            weak,
-            check_id,
-            generation,
-            def,
-            shared.config.clone(),
-        ))),
+        Probe::Http(def) | Probe::Tcp(def) => {
+            Some(tokio::spawn(run_interval(weak, check_id, generation, def)))
+        }
     }
 }
 
@@ -97,13 +93,7 @@ impl Thresholds {
     }
 }
 
-async fn run_interval(
-    shared: Weak<Shared>,
-    check_id: String,
-    generation: u64,
-    def: CheckDef,
-    config: super::AgentConfig,
-) {
+async fn run_interval(shared: Weak<Shared>, check_id: String, generation: u64, def: CheckDef) {
     let interval = def.interval.max(MIN_INTERVAL);
     if def.interval < MIN_INTERVAL {
         tracing::warn!(check = %check_id, interval = ?def.interval, "check interval below 1s, raised to 1s");
@@ -113,7 +103,6 @@ async fn run_interval(
     } else {
         def.timeout
     };
-    let _ = config;
     // Stagger the first probe inside the interval, as Consul does, so checks registered
     // together do not fire together.
     let stagger = rand::thread_rng().gen_range(Duration::ZERO..interval);

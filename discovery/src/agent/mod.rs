@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,6 +33,10 @@ use state::{AbortOnDrop, Probe, Store, CRITICAL};
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(30);
 /// Consul's `check_deregister_interval_min`.
 pub const DEFAULT_DEREGISTER_MIN: Duration = Duration::from_secs(60);
+/// Time a client gets to send a request head (and, first, its first bytes).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections open at once; blocking watchers hold one each, so this is generous.
+const MAX_CONNECTIONS: usize = 16_384;
 /// How long open connections get to finish when the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -228,10 +232,26 @@ pub async fn run(
         shared.config.reap_interval,
     )));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    // Shared with the connection tasks, which serve only once the protocol is known.
+    let builder = Arc::new(builder);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(addr = ?listener.local_addr().ok(), node = %shared.config.node_name, "dev agent serving the Consul HTTP API");
     tokio::pin!(shutdown);
     loop {
+        // The connection cap: beyond it, clients wait in the listen backlog.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -239,8 +259,10 @@ pub async fn run(
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; never exit the loop.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
                 }
             },
         };
@@ -250,12 +272,18 @@ pub async fn run(
             let shared = shared.clone();
             async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req, peer).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            if crate::serve::protocol_decided(&stream, HEADER_READ_TIMEOUT).await {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+            } else {
+                tracing::debug!(%peer, "no request within the header read timeout; closing");
             }
+            drop(permit);
         });
     }
     drop(listener);
