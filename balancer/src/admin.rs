@@ -97,9 +97,10 @@ pub fn metrics(app: &App) -> String {
         let name = label(&s.name);
         for be in &s.backends().list {
             let id = label(&be.instance.id);
+            let addr = label(&be.authority);
             for (c, class) in CLASSES.iter().enumerate() {
                 let n = be.responses[c].load(Ordering::Relaxed);
-                let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"{id}\",class=\"{class}\"}} {n}");
+                let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"{id}\",address=\"{addr}\",class=\"{class}\"}} {n}");
             }
         }
         for (c, class) in CLASSES.iter().enumerate() {

@@ -39,7 +39,8 @@ pub struct Args {
     /// Connect timeout to an instance; a refused or timed-out connect moves on to the next.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
-    /// Time an instance gets to send its response head before the client gets 504.
+    /// Time from sending a request to an instance until its response head arrives (streaming
+    /// the request body counts too); past it the client gets 504.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
     /// Time a client gets to send its request head.

@@ -253,11 +253,8 @@ pub async fn run(
     if let Some(t) = admin_task {
         t.abort();
     }
-    // Stop the watchers (they hold blocking queries open against Consul).
-    if let Ok(app) = Arc::try_unwrap(app) {
-        for w in app.watches.into_iter().flatten() {
-            w.stop().await;
-        }
-    }
+    // The watchers stop when the last `Arc<App>` goes (dropping a `Watch` ends its task and
+    // cancels its blocking query); connection tasks past the grace may still hold one.
+    drop(app);
     Ok(())
 }

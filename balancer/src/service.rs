@@ -70,18 +70,22 @@ impl ServiceState {
     /// counters, ejection); new ones get a fresh one; gone ones are dropped.
     pub fn apply(&self, snapshot: &Snapshot) {
         let current = self.backends.load();
-        let mut by_id: HashMap<&str, &Arc<Backend>> = current
+        // Keyed by ID *and* address: service IDs are unique per Consul agent only, so two
+        // nodes may both register `web`.
+        let mut known: HashMap<(&str, String), &Arc<Backend>> = current
             .list
             .iter()
-            .map(|b| (b.instance.id.as_str(), b))
+            .map(|b| ((b.instance.id.as_str(), b.authority.clone()), b))
             .collect();
         let list: Vec<Arc<Backend>> = snapshot
             .instances
             .iter()
-            .map(|inst| match by_id.remove(inst.id.as_str()) {
-                Some(b) if b.instance == *inst => Arc::clone(b),
-                _ => Arc::new(Backend::new(inst.clone(), self.idle_timeout, self.epoch)),
-            })
+            .map(
+                |inst| match known.remove(&(inst.id.as_str(), inst.authority())) {
+                    Some(b) if b.instance == *inst => Arc::clone(b),
+                    _ => Arc::new(Backend::new(inst.clone(), self.idle_timeout, self.epoch)),
+                },
+            )
             .collect();
         let ids: Vec<&str> = list.iter().map(|b| b.instance.id.as_str()).collect();
         // The watcher already logs the change at info.
@@ -182,6 +186,21 @@ mod tests {
         assert!(Arc::ptr_eq(&a1, &b.list[0]));
         assert_eq!(b.list[1].instance.id, "c");
         assert_eq!(s.updates.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn same_id_on_two_nodes_are_two_backends() {
+        let s = ServiceState::new("web", Duration::from_secs(30));
+        let mut other = inst("a");
+        other.port = 2;
+        s.set_static(vec![inst("a"), other.clone()]);
+        let first = s.backends();
+        assert_eq!(first.list.len(), 2);
+        assert!(!Arc::ptr_eq(&first.list[0], &first.list[1]));
+        s.set_static(vec![inst("a"), other]);
+        let second = s.backends();
+        assert!(Arc::ptr_eq(&first.list[0], &second.list[0]));
+        assert!(Arc::ptr_eq(&first.list[1], &second.list[1]));
     }
 
     #[test]
