@@ -197,27 +197,46 @@ async fn run_agent(a: AgentArgs, shutdown: impl std::future::Future<Output = ()>
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on the first SIGTERM or Ctrl-C. A second one ends the process at once, for an
+/// operator who does not want to wait for the drain.
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+                    () = ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c().await;
+}
+
+/// Completes on Ctrl-C; never, if no handler can be installed (SIGTERM still works).
+async fn ctrl_c() {
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => tracing::info!(signal = "SIGINT", "signal received"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 
