@@ -29,11 +29,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use discovery::serve::{detect_protocol, Protocol};
 use discovery::watch::{Watch, WatchOptions};
 
 pub use config::{Config, Route};
@@ -176,16 +176,18 @@ pub async fn run(
     let admin_task =
         admin.map(|l| tokio::spawn(admin::serve(Arc::clone(&app), l, stop_rx.clone())));
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    // One builder per protocol rather than hyper-util's auto builder: the connection task
+    // already peeks at the first bytes (see `detect_protocol`), and serving HTTP/1 directly
+    // saves the auto builder's replay layer on every read.
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(app.config.header_read_timeout)
         .max_buf_size(app.config.max_header_bytes.max(8192))
+        .max_header_size(app.config.max_header_bytes)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    // Shared with the connection tasks, which start serving only after `protocol_decided`.
-    let builder = Arc::new(builder);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    let builders = Arc::new((h1, h2));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
     tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
@@ -220,19 +222,23 @@ pub async fn run(
             let client = Arc::clone(&client);
             async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await) }
         });
-        let builder = Arc::clone(&builder);
+        let builders = Arc::clone(&builders);
         let watcher = graceful.watcher();
         let header_read_timeout = app.config.header_read_timeout;
         let app_c = Arc::clone(&app);
         app_c.connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if discovery::serve::protocol_decided(&stream, header_read_timeout).await {
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            let io = TokioIo::new(stream);
+            let served = match detect_protocol(io.inner(), header_read_timeout).await {
+                Some(Protocol::Http1) => watcher.watch(builders.0.serve_connection(io, svc)).await,
+                Some(Protocol::Http2) => watcher.watch(builders.1.serve_connection(io, svc)).await,
+                None => {
+                    tracing::debug!(%peer, "no request within the header read timeout; closing");
+                    Ok(())
                 }
-            } else {
-                tracing::debug!(%peer, "no request within the header read timeout; closing");
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
             app_c.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);

@@ -786,8 +786,10 @@ async fn a_broken_client_body_is_the_clients_fault() {
     .unwrap();
     let (got, _) = read_until_closed(&mut s, DEADLINE).await;
     let got = String::from_utf8_lossy(&got);
+    // The echo backend may start its answer before the broken chunk arrives; then the client
+    // sees that answer cut short. Either way: never a 5xx, and the instance is not blamed.
     assert!(
-        got.is_empty() || got.starts_with("HTTP/1.1 4"),
+        got.is_empty() || got.starts_with("HTTP/1.1 4") || got.starts_with("HTTP/1.1 200"),
         "{:?}",
         &got[..got.len().min(200)]
     );

@@ -2,28 +2,44 @@
 
 use std::time::Duration;
 
+/// The protocol a client speaks, told from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// Prior-knowledge HTTP/2 (h2c): the connection starts with the HTTP/2 preface.
+    Http2,
+}
+
 /// Waits, without consuming anything, until the client's first bytes tell HTTP/1 from the
-/// HTTP/2 preface (or the client closed); false if that takes longer than `within`.
+/// HTTP/2 preface; `None` if that takes longer than `within`. A client that closed or failed
+/// counts as HTTP/1: hyper then meets the same end and reports it.
 ///
 /// hyper-util's auto builder reads those bytes with no deadline, and hyper's
 /// `header_read_timeout` only starts once the protocol is known: without this bound a client
 /// that connects and sends nothing (or part of a preface) would hold a connection slot, and
 /// delay a graceful shutdown, forever.
-pub async fn protocol_decided(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+pub async fn detect_protocol(stream: &tokio::net::TcpStream, within: Duration) -> Option<Protocol> {
     const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; 24];
     tokio::time::timeout(within, async {
         loop {
             match stream.peek(&mut buf).await {
-                Ok(n) if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] => return,
+                Ok(n) if n == buf.len() && buf == *H2_PREFACE => return Protocol::Http2,
+                Ok(n) if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] => {
+                    return Protocol::Http1
+                }
                 // Part of a preface: `peek` returns at once while bytes wait unread, so poll
                 // (rare: real HTTP/2 clients send the preface in one write).
                 Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                // hyper meets the same error and reports it.
-                Err(_) => return,
+                Err(_) => return Protocol::Http1,
             }
         }
     })
     .await
-    .is_ok()
+    .ok()
+}
+
+/// Whether the client's first bytes arrived within `within` (see [`detect_protocol`]).
+pub async fn protocol_decided(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+    detect_protocol(stream, within).await.is_some()
 }

@@ -7,6 +7,8 @@
 //! timing window.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,150 +17,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use discovery::agent::{run, AgentConfig};
-use http::{HeaderMap, Method, Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use common::{dead_addr, dev_config, spawn_get, Agent, Reply, DEADLINE, PROMPTLY};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
-/// Generous: these tests share two cores with parallel builds and other test binaries.
-const DEADLINE: Duration = Duration::from_secs(10);
-/// Upper bound for any single HTTP exchange, blocking ones included (they wait ≤ 30 s).
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// "Returned well before the 30 s wait": only a wake-up can meet this.
-const PROMPTLY: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------------------------
-// Harness
+// Harness (the agent itself is in `common`)
 // ---------------------------------------------------------------------------------------------
-
-/// An in-process dev agent plus a raw HTTP client for it.
-struct Agent {
-    addr: SocketAddr,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-/// One answer, fully read.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {:?}", self.status, self.body))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-
-    /// `X-Consul-Index`, which must be present and never 0.
-    fn index(&self) -> u64 {
-        let raw = self
-            .header("X-Consul-Index")
-            .unwrap_or_else(|| panic!("no X-Consul-Index on {self:?}"));
-        let index: u64 = raw.parse().unwrap();
-        assert!(index >= 1, "X-Consul-Index must never be 0");
-        index
-    }
-}
-
-fn dev_config() -> AgentConfig {
-    AgentConfig::new("dev", "127.0.0.1".parse().unwrap())
-}
 
 impl Agent {
-    /// An agent with Consul's defaults.
-    async fn start() -> Agent {
-        Self::start_with(dev_config()).await
-    }
-
-    async fn start_with(config: AgentConfig) -> Agent {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), config)
-    }
-
-    /// A fresh agent on `addr` (the port may take a moment to become free again).
-    async fn start_at(addr: SocketAddr) -> Agent {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => return Self::serve(listener, dev_config()),
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("binding {addr} again: {e}; retrying");
-                    sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("could not bind {addr} again: {e}"),
-            }
-        }
-    }
-
-    fn serve(listener: TcpListener, config: AgentConfig) -> Agent {
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Agent {
-            addr,
-            http: HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            timeout(DEADLINE, task)
-                .await
-                .expect("the agent stops")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    fn client(&self) -> discovery::Client {
-        discovery::Client::new(discovery::ClientConfig::new(&self.addr.to_string()).unwrap())
-    }
-
-    async fn call(&self, method: &str, path: &str, body: &str) -> Reply {
-        let req = Request::builder()
-            .method(Method::from_bytes(method.as_bytes()).unwrap())
-            .uri(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let fut = async {
-            let resp = self.http.request(req).await.unwrap();
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.unwrap().to_bytes();
-            Reply {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body: String::from_utf8(body.to_vec()).unwrap(),
-            }
-        };
-        timeout(CALL_TIMEOUT, fut)
-            .await
-            .unwrap_or_else(|_| panic!("{method} {path} did not answer"))
-    }
-
-    async fn get(&self, path: &str) -> Reply {
-        self.call("GET", path, "").await
-    }
-
     /// A GET that must succeed with JSON.
     async fn get_json(&self, path: &str) -> Value {
         let r = self.get(path).await;
@@ -168,32 +40,6 @@ impl Agent {
 
     async fn put(&self, path: &str, body: &str) -> Reply {
         self.call("PUT", path, body).await
-    }
-
-    /// A write that must succeed: 200 with an empty body, as Consul's write endpoints answer.
-    async fn put_ok(&self, path: &str, body: &str) {
-        let r = self.put(path, body).await;
-        assert_eq!((r.status, r.body.as_str()), (200, ""), "PUT {path} {body}");
-    }
-
-    async fn register(&self, body: Value) {
-        self.put_ok("/v1/agent/service/register", &body.to_string())
-            .await;
-    }
-
-    /// Asserts a request fails with exactly this status and plain-text body.
-    async fn expect_error(&self, method: &str, path: &str, body: &str, status: u16, text: &str) {
-        let r = self.call(method, path, body).await;
-        assert_eq!(
-            (r.status, r.body.as_str()),
-            (status, text),
-            "{method} {path} with body {body:?}"
-        );
-        assert_eq!(
-            r.header("Content-Type"),
-            Some("text/plain; charset=utf-8"),
-            "errors are plain text, not JSON: {method} {path}"
-        );
     }
 
     async fn health(&self, query: &str) -> (Vec<Value>, u64) {
@@ -240,12 +86,6 @@ impl Agent {
         self.check_where(id, status, |c| c["Status"] == status)
             .await
     }
-}
-
-/// A TCP address nobody listens on (connection refused).
-async fn closed_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {
@@ -1447,7 +1287,7 @@ async fn tcp_check_passes_on_a_listener_and_fails_on_a_closed_port() {
     let agent = Agent::start().await;
     let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let open_addr = open.local_addr().unwrap();
-    let closed = closed_addr().await;
+    let closed = dead_addr().await;
     agent
         .register(json!({"Name": "db", "Checks": [
             {"CheckID": "open", "TCP": open_addr.to_string(), "Interval": "1s"},
@@ -1935,21 +1775,10 @@ async fn agent_service_and_services() {
         .await;
 
     // Hash-based blocking: parked until the content changes.
-    let pending = {
-        let http = agent.http.clone();
-        let uri = format!(
-            "http://{}/v1/agent/service/web-1?hash={hash}&wait=30s",
-            agent.addr
-        );
-        tokio::spawn(async move {
-            let resp = http
-                .request(Request::get(uri).body(Full::new(Bytes::new())).unwrap())
-                .await
-                .unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            serde_json::from_slice::<Value>(&body).unwrap()
-        })
-    };
+    let pending = spawn_get(
+        &agent,
+        format!("/v1/agent/service/web-1?hash={hash}&wait=30s"),
+    );
     sleep(Duration::from_millis(300)).await;
     assert!(!pending.is_finished(), "an unchanged hash blocks");
     agent
@@ -1958,7 +1787,8 @@ async fn agent_service_and_services() {
     let changed = timeout(PROMPTLY, pending)
         .await
         .expect("woken by the change")
-        .unwrap();
+        .unwrap()
+        .json();
     assert_eq!(changed["Tags"], json!(["v2"]));
     assert_ne!(changed["ContentHash"].as_str().unwrap(), hash);
 }
@@ -2052,25 +1882,6 @@ async fn agent_self_members_and_status() {
 // ---------------------------------------------------------------------------------------------
 // Blocking queries and the index (§1.5)
 // ---------------------------------------------------------------------------------------------
-
-/// Starts a raw blocking GET in the background.
-fn spawn_get(agent: &Agent, path: String) -> JoinHandle<Reply> {
-    let http = agent.http.clone();
-    let uri = format!("http://{}{path}", agent.addr);
-    tokio::spawn(async move {
-        let resp = http
-            .request(Request::get(uri).body(Full::new(Bytes::new())).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: String::from_utf8(body.to_vec()).unwrap(),
-        }
-    })
-}
 
 #[tokio::test]
 async fn blocking_query_returns_promptly_on_a_change() {

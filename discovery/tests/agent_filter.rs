@@ -5,46 +5,16 @@
 //! Consul's answer to a bad expression: a 500 carrying the evaluator's error.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
-use bytes::Bytes;
-use discovery::agent::{run, AgentConfig};
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
-use hyper_util::rt::TokioExecutor;
+use common::{spawn_get, Agent, PROMPTLY};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-/// Upper bound for one HTTP exchange, blocking ones included (they wait ≤ 30 s).
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// "Returned well before the 30 s wait": only a wake-up can meet this.
-const PROMPTLY: Duration = Duration::from_secs(10);
 const PREFIX: &str = "Failed to create boolean expression evaluator: ";
-
-struct Agent {
-    addr: std::net::SocketAddr,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
-    _stop: oneshot::Sender<()>,
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    content_type: Option<String>,
-    index: Option<u64>,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        assert_eq!(self.status, 200, "{}", self.body);
-        serde_json::from_str(&self.body).unwrap()
-    }
-}
 
 /// `?filter=<expr>`, percent-encoded.
 fn filter(expr: &str) -> String {
@@ -52,79 +22,17 @@ fn filter(expr: &str) -> String {
 }
 
 impl Agent {
-    async fn start() -> Agent {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let config = AgentConfig::new("dev", "127.0.0.1".parse().unwrap());
-        tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Agent {
-            addr,
-            http: HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            _stop: tx,
-        }
-    }
-
-    async fn call(&self, method: Method, path: &str, body: String) -> Reply {
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let fut = async {
-            let resp = self.http.request(req).await.unwrap();
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.unwrap().to_bytes();
-            let header = |name: &str| {
-                parts
-                    .headers
-                    .get(name)
-                    .map(|v| v.to_str().unwrap().to_string())
-            };
-            Reply {
-                status: parts.status.as_u16(),
-                content_type: header("Content-Type"),
-                index: header("X-Consul-Index").map(|v| v.parse().unwrap()),
-                body: String::from_utf8(body.to_vec()).unwrap(),
-            }
-        };
-        timeout(CALL_TIMEOUT, fut)
-            .await
-            .unwrap_or_else(|_| panic!("{method} {path} did not answer"))
-    }
-
-    async fn get(&self, path: &str) -> Reply {
-        self.call(Method::GET, path, String::new()).await
-    }
-
-    async fn put_ok(&self, path: &str, body: Value) {
-        let r = self.call(Method::PUT, path, body.to_string()).await;
-        assert_eq!((r.status, r.body.as_str()), (200, ""), "PUT {path} {body}");
-    }
-
-    async fn register(&self, body: Value) {
-        self.put_ok("/v1/agent/service/register", body).await;
-    }
-
     /// Service IDs of `health/service/web` under a filter (and any extra parameters).
     async fn health_ids(&self, expr: &str, extra: &str) -> Vec<String> {
         let r = self
             .get(&format!("/v1/health/service/web?{}{extra}", filter(expr)))
             .await;
-        ids(&r.json(), "/Service/ID")
+        ids(&r.ok_json(), "/Service/ID")
     }
 
-    /// Asserts exactly this status and plain-text body.
-    async fn expect_error(&self, path: &str, status: u16, text: &str) {
-        let r = self.get(path).await;
-        assert_eq!((r.status, r.body.as_str()), (status, text), "GET {path}");
-        assert_eq!(
-            r.content_type.as_deref(),
-            Some("text/plain; charset=utf-8"),
-            "{path}"
-        );
+    /// Asserts a GET fails with exactly this status and plain-text body.
+    async fn expect_get_error(&self, path: &str, status: u16, text: &str) {
+        self.expect_error("GET", path, "", status, text).await;
     }
 }
 
@@ -293,7 +201,7 @@ async fn agent_services_checks_and_members() {
             let r = agent
                 .get(&format!("/v1/agent/services?{}", filter(expr)))
                 .await;
-            keys(&r.json())
+            keys(&r.ok_json())
         }
     };
     assert_eq!(
@@ -318,7 +226,7 @@ async fn agent_services_checks_and_members() {
             filter(r#"ServiceName == "web" and Status != "passing""#)
         ))
         .await;
-    assert_eq!(keys(&checks.json()), ["web-2:ttl", "web-3:ttl"]);
+    assert_eq!(keys(&checks.ok_json()), ["web-2:ttl", "web-3:ttl"]);
 
     let members = agent
         .get(&format!(
@@ -326,11 +234,11 @@ async fn agent_services_checks_and_members() {
             filter("Tags.role == consul")
         ))
         .await;
-    assert_eq!(ids(&members.json(), "/Name"), ["dev"]);
+    assert_eq!(ids(&members.ok_json(), "/Name"), ["dev"]);
     let none = agent
         .get(&format!("/v1/agent/members?{}", filter("Status != 1")))
         .await;
-    assert_eq!(none.json(), json!([]));
+    assert_eq!(none.ok_json(), json!([]));
 }
 
 #[tokio::test]
@@ -338,7 +246,7 @@ async fn catalog_and_other_health_reads() {
     let agent = fleet().await;
     let get = |path: String| {
         let agent = &agent;
-        async move { agent.get(&path).await.json() }
+        async move { agent.get(&path).await.ok_json() }
     };
     // catalog/services filters the service nodes, then lists what is left.
     assert_eq!(
@@ -430,7 +338,7 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
         "/v1/catalog/node/dev",
     ] {
         agent
-            .expect_error(&format!("{path}?filter=foo"), 500, &foo)
+            .expect_get_error(&format!("{path}?filter=foo"), 500, &foo)
             .await;
     }
     for (expr, text) in [
@@ -453,7 +361,7 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
         ),
     ] {
         agent
-            .expect_error(
+            .expect_get_error(
                 &format!("/v1/health/service/web?{}", filter(expr)),
                 500,
                 &format!("{PREFIX}{text}"),
@@ -462,7 +370,7 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
     }
     // A value the field's type refuses fails once there is an item to evaluate.
     agent
-        .expect_error(
+        .expect_get_error(
             &format!(
                 "/v1/health/service/web?{}",
                 filter(r#"Service.Port == "http""#)
@@ -474,7 +382,7 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
         )
         .await;
     agent
-        .expect_error(
+        .expect_get_error(
             &format!("/v1/agent/services?{}", filter(r#"Tags == "v1""#)),
             500,
             &format!(r#"{PREFIX}Invalid match operator "Equal" for selector "Tags""#),
@@ -496,21 +404,21 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
     );
     // Parameter errors come first, as Consul checks them before building the evaluator.
     agent
-        .expect_error(
+        .expect_get_error(
             "/v1/health/service/web?index=abc&filter=foo",
             400,
             "Invalid index",
         )
         .await;
     agent
-        .expect_error(
+        .expect_get_error(
             "/v1/health/service/?filter=foo",
             400,
             "Missing service name",
         )
         .await;
     agent
-        .expect_error(
+        .expect_get_error(
             "/v1/agent/members?wan&segment=x&filter=foo",
             400,
             "Cannot provide a segment with wan=true",
@@ -518,7 +426,10 @@ async fn bad_expressions_are_consuls_500_with_the_evaluator_error() {
         .await;
     // An empty filter is no filter; a blank one is a parse error.
     let all = agent.get("/v1/health/service/web?filter=").await;
-    assert_eq!(ids(&all.json(), "/Service/ID"), ["web-1", "web-2", "web-3"]);
+    assert_eq!(
+        ids(&all.ok_json(), "/Service/ID"),
+        ["web-1", "web-2", "web-3"]
+    );
     let blank = agent.get("/v1/health/service/web?filter=%20").await;
     assert_eq!(blank.status, 500);
     assert!(blank.body.starts_with(PREFIX), "{}", blank.body);
@@ -537,17 +448,20 @@ async fn filtered_reads_are_cached_apart_and_block_like_any_read() {
             filter(r#""canary" in Service.Tags"#)
         ))
         .await;
-    assert_eq!(ids(&all.json(), "/Service/ID"), ["web-1", "web-2", "web-3"]);
-    assert_eq!(ids(&only_v1.json(), "/Service/ID"), ["web-1", "web-2"]);
-    assert_eq!(ids(&canary.json(), "/Service/ID"), ["web-3"]);
+    assert_eq!(
+        ids(&all.ok_json(), "/Service/ID"),
+        ["web-1", "web-2", "web-3"]
+    );
+    assert_eq!(ids(&only_v1.ok_json(), "/Service/ID"), ["web-1", "web-2"]);
+    assert_eq!(ids(&canary.ok_json(), "/Service/ID"), ["web-3"]);
     let again = agent.get(&format!("/v1/health/service/web?{v1}")).await;
     assert_eq!(
         again.body, only_v1.body,
         "a repeated read is the same answer"
     );
-    let index = only_v1.index.unwrap();
+    let index = only_v1.consul_index.unwrap();
     assert_eq!(
-        all.index,
+        all.consul_index,
         Some(index),
         "the index does not depend on the filter"
     );
@@ -560,43 +474,28 @@ async fn filtered_reads_are_cached_apart_and_block_like_any_read() {
     let lookalike = agent
         .get(&format!("/v1/health/service/web?tag={odd_tag}"))
         .await;
-    assert_eq!(ids(&tagged.json(), "/Service/ID"), ["web-1"]);
+    assert_eq!(ids(&tagged.ok_json(), "/Service/ID"), ["web-1"]);
     assert_eq!(
-        ids(&lookalike.json(), "/Service/ID"),
+        ids(&lookalike.ok_json(), "/Service/ID"),
         Vec::<String>::new(),
         "no instance has that tag"
     );
 
     // A blocking filtered read wakes on a change and answers with the filter applied.
-    let pending = {
-        let http = agent.http.clone();
-        let uri = format!(
-            "http://{}/v1/health/service/web?{v1}&index={index}&wait=30s",
-            agent.addr
-        );
-        tokio::spawn(async move {
-            let resp = http
-                .request(Request::get(uri).body(Full::new(Bytes::new())).unwrap())
-                .await
-                .unwrap();
-            let index: u64 = resp.headers()["X-Consul-Index"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (index, serde_json::from_slice::<Value>(&body).unwrap())
-        })
-    };
+    let pending = spawn_get(
+        &agent,
+        format!("/v1/health/service/web?{v1}&index={index}&wait=30s"),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!pending.is_finished(), "blocks until a change");
     agent
         .register(json!({"ID": "web-4", "Name": "web", "Tags": ["v1"], "Port": 8083}))
         .await;
-    let (new_index, body) = timeout(PROMPTLY, pending)
+    let r = timeout(PROMPTLY, pending)
         .await
         .expect("woken by the change")
         .unwrap();
+    let (new_index, body) = (r.consul_index.unwrap(), r.json());
     assert!(new_index > index);
     assert_eq!(ids(&body, "/Service/ID"), ["web-1", "web-2", "web-4"]);
 }

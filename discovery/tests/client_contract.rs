@@ -4,41 +4,19 @@
 //! Waits poll with generous deadlines; nothing asserts tight timing.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use discovery::agent::{run, AgentConfig};
+use common::{client_for, dead_addr, passing, Agent, DEADLINE};
 use discovery::wire::{CheckDefinition, ServiceRegistration};
 use discovery::{Client, ClientConfig, Error, HealthQuery};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout, Instant};
 
-/// Generous: these tests share two cores with parallel builds.
-const DEADLINE: Duration = Duration::from_secs(10);
-
-/// An in-process dev agent; stopped when the test's runtime ends.
-struct Agent {
-    addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Agent {
-    async fn start() -> Agent {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let config = AgentConfig::new("dev", "127.0.0.1".parse().unwrap());
-        tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Agent { addr, _stop: tx }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(ClientConfig::new(&format!("http://{}/", self.addr)).unwrap())
-    }
+/// The typed client, configured with a full base URL (`http://host:port/`).
+fn client(agent: &Agent) -> Client {
+    Client::new(ClientConfig::new(&format!("http://{}/", agent.addr)).unwrap())
 }
 
 fn ttl(id: &str, ttl: &str) -> CheckDefinition {
@@ -87,17 +65,10 @@ fn assert_status<T: std::fmt::Debug>(r: Result<T, Error>, status: u16, body: &st
     }
 }
 
-fn passing() -> HealthQuery {
-    HealthQuery {
-        passing: true,
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn register_read_and_deregister() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     c.register(&api_registration()).await.unwrap();
     // Idempotent: the client always sends replace-existing-checks.
     c.register(&api_registration()).await.unwrap();
@@ -151,7 +122,7 @@ async fn register_read_and_deregister() {
 #[tokio::test]
 async fn odd_ids_are_percent_encoded() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     for id in ["web#1", "web 2", "web/3", "web?x=4&y", "wéb-5"] {
         let reg = ServiceRegistration {
             id: Some(id.into()),
@@ -180,7 +151,7 @@ async fn odd_ids_are_percent_encoded() {
 #[tokio::test]
 async fn ttl_updates_and_their_errors() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     c.register(&api_registration()).await.unwrap();
     let status_of = |checks: &BTreeMap<String, discovery::wire::HealthCheck>| {
         (
@@ -242,7 +213,7 @@ async fn ttl_updates_and_their_errors() {
 #[tokio::test]
 async fn registration_errors_come_back_as_status_errors() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     assert_status(
         c.register(&ServiceRegistration::default()).await,
         400,
@@ -286,7 +257,7 @@ async fn registration_errors_come_back_as_status_errors() {
 #[tokio::test]
 async fn health_service_filters_and_maintenance() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     c.register(&api_registration()).await.unwrap();
     let mut green = api_registration();
     green.id = Some("api-2".into());
@@ -395,7 +366,7 @@ async fn health_service_filters_and_maintenance() {
 #[tokio::test]
 async fn health_service_blocks_until_a_change_or_the_wait() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     c.register(&api_registration()).await.unwrap();
     let (_, meta) = c
         .health_service("api", &HealthQuery::default())
@@ -445,7 +416,7 @@ async fn health_service_blocks_until_a_change_or_the_wait() {
 #[tokio::test]
 async fn catalog_services_blocks_until_a_registration() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     let (services, meta) = c.catalog_services(0, None).await.unwrap();
     assert_eq!(services.keys().collect::<Vec<_>>(), ["consul"]);
     assert!(meta.index >= 1);
@@ -482,7 +453,7 @@ async fn catalog_services_blocks_until_a_registration() {
 #[tokio::test]
 async fn members_self_and_leader() {
     let agent = Agent::start().await;
-    let c = agent.client();
+    let c = client(&agent);
     let lan = c.members().await.unwrap();
     assert_eq!(lan.len(), 1);
     assert_eq!(lan[0].name, "dev");
@@ -506,10 +477,7 @@ async fn members_self_and_leader() {
 
 #[tokio::test]
 async fn a_dead_agent_is_a_connect_error() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let c = Client::new(ClientConfig::new(&addr.to_string()).unwrap());
+    let c = client_for(dead_addr().await);
     let err = c.agent_services().await.unwrap_err();
     assert!(err.is_connect(), "{err:?}");
     assert_eq!(err.status(), None);

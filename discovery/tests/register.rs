@@ -3,106 +3,16 @@
 //! Every wait is a poll for a condition with a generous deadline; nothing asserts tight timing.
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
-use discovery::agent::{run, AgentConfig};
+use common::{client_for, dead_addr, eventually, passing, service, Agent, DEADLINE};
 use discovery::register::{LeaveMode, Registration, RegistrationOptions, RegistrationState};
 use discovery::wire::{CheckDefinition, ServiceRegistration};
-use discovery::{Client, ClientConfig, Error, HealthQuery};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use discovery::{Client, Error};
+use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
-
-/// Generous: these tests share two cores with parallel builds.
-const DEADLINE: Duration = Duration::from_secs(10);
-
-/// An in-process dev agent that can be stopped and started again (empty) on the same address.
-struct Agent {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Agent {
-    async fn start() -> Agent {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-    }
-
-    /// Starts a fresh agent on `addr`; the port may take a moment to become free again.
-    async fn start_at(addr: SocketAddr) -> Agent {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => return Self::serve(listener),
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("binding {addr} again: {e}; retrying");
-                    sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("could not bind {addr} again: {e}"),
-            }
-        }
-    }
-
-    fn serve(listener: TcpListener) -> Agent {
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let config = AgentConfig {
-            node_name: "test".into(),
-            datacenter: "dc1".into(),
-            advertise: "127.0.0.1".parse().unwrap(),
-            reap_interval: Duration::from_secs(1),
-            deregister_min: Duration::from_secs(1),
-        };
-        let task = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Agent {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            timeout(DEADLINE, task)
-                .await
-                .expect("the agent stops")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    fn client(&self) -> Client {
-        client_for(self.addr)
-    }
-}
-
-fn client_for(addr: SocketAddr) -> Client {
-    Client::new(ClientConfig::new(&addr.to_string()).unwrap())
-}
-
-/// An address nobody listens on (connection refused), free to bind later.
-async fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
-fn service(id: &str, port: u16) -> ServiceRegistration {
-    ServiceRegistration {
-        id: Some(id.into()),
-        name: "web".into(),
-        address: Some("127.0.0.1".into()),
-        port: Some(port),
-        ..Default::default()
-    }
-}
 
 fn with_ttl(mut reg: ServiceRegistration, check_id: &str, ttl: &str) -> ServiceRegistration {
     reg.check = Some(CheckDefinition {
@@ -131,40 +41,18 @@ async fn state_is(rx: &mut watch::Receiver<RegistrationState>, want: Registratio
         .expect("the state sender is alive");
 }
 
-/// Polls `cond` until it holds, or panics after [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn passing_ids(client: &Client) -> Vec<String> {
-    let (entries, _) = client
-        .health_service(
-            "web",
-            &HealthQuery {
-                passing: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (entries, _) = client.health_service("web", &passing()).await.unwrap();
     entries.into_iter().map(|e| e.service.id).collect()
 }
 
 #[tokio::test]
 async fn registers_and_shows_in_agent_services() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     let reg = Registration::spawn(
         client.clone(),
-        service("web-1", 9001),
+        service("web-1", "web", 9001),
         RegistrationOptions::default(),
     )
     .unwrap();
@@ -184,9 +72,10 @@ async fn registers_and_shows_in_agent_services() {
 
 #[tokio::test]
 async fn leave_deregisters() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
-    let reg = Registration::spawn(client.clone(), service("web-1", 9001), quick_opts()).unwrap();
+    let reg =
+        Registration::spawn(client.clone(), service("web-1", "web", 9001), quick_opts()).unwrap();
     let mut state = reg.state();
     state_is(&mut state, RegistrationState::Registered).await;
 
@@ -203,13 +92,13 @@ async fn leave_deregisters() {
 
 #[tokio::test]
 async fn leave_with_maintenance_first_deregisters() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     let opts = RegistrationOptions {
         leave: LeaveMode::MaintenanceThenDeregister,
         ..quick_opts()
     };
-    let reg = Registration::spawn(client.clone(), service("web-1", 9001), opts).unwrap();
+    let reg = Registration::spawn(client.clone(), service("web-1", "web", 9001), opts).unwrap();
     let mut state = reg.state();
     state_is(&mut state, RegistrationState::Registered).await;
 
@@ -223,13 +112,13 @@ async fn leave_with_maintenance_first_deregisters() {
 
 #[tokio::test]
 async fn leave_reports_an_unreachable_agent_within_its_timeout() {
-    let mut agent = Agent::start().await;
+    let mut agent = Agent::start_quick().await;
     let client = agent.client();
     let opts = RegistrationOptions {
         leave_timeout: Duration::from_secs(2),
         ..quick_opts()
     };
-    let reg = Registration::spawn(client, service("web-1", 9001), opts).unwrap();
+    let reg = Registration::spawn(client, service("web-1", "web", 9001), opts).unwrap();
     let mut state = reg.state();
     state_is(&mut state, RegistrationState::Registered).await;
     agent.stop().await;
@@ -243,17 +132,18 @@ async fn leave_reports_an_unreachable_agent_within_its_timeout() {
 
 #[tokio::test]
 async fn registers_again_after_the_agent_restarts_empty() {
-    let mut agent = Agent::start().await;
+    let mut agent = Agent::start_quick().await;
     let addr = agent.addr;
     let client = agent.client();
-    let reg = Registration::spawn(client.clone(), service("web-1", 9001), quick_opts()).unwrap();
+    let reg =
+        Registration::spawn(client.clone(), service("web-1", "web", 9001), quick_opts()).unwrap();
     let mut state = reg.state();
     state_is(&mut state, RegistrationState::Registered).await;
     assert_eq!(reg.registrations(), 1);
 
     agent.stop().await;
     state_is(&mut state, RegistrationState::Lost).await;
-    let _agent = Agent::start_at(addr).await;
+    let _agent = Agent::start_quick_at(addr).await;
     eventually("web-1 to be registered with the new agent", || {
         let client = client.clone();
         async move { matches!(client.agent_service("web-1").await, Ok(Some(_))) }
@@ -268,14 +158,15 @@ async fn registers_again_after_the_agent_restarts_empty() {
 async fn registers_once_the_agent_comes_up() {
     let addr = dead_addr().await;
     let client = client_for(addr);
-    let reg = Registration::spawn(client.clone(), service("web-1", 9001), quick_opts()).unwrap();
+    let reg =
+        Registration::spawn(client.clone(), service("web-1", "web", 9001), quick_opts()).unwrap();
     let mut state = reg.state();
     // Let it fail a few times first.
     sleep(Duration::from_millis(500)).await;
     assert_eq!(*state.borrow(), RegistrationState::Pending);
     assert_eq!(reg.registrations(), 0);
 
-    let _agent = Agent::start_at(addr).await;
+    let _agent = Agent::start_quick_at(addr).await;
     state_is(&mut state, RegistrationState::Registered).await;
     assert!(client.agent_service("web-1").await.unwrap().is_some());
     assert_eq!(reg.registrations(), 1);
@@ -284,9 +175,10 @@ async fn registers_once_the_agent_comes_up() {
 
 #[tokio::test]
 async fn registers_again_when_deregistered_behind_its_back() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
-    let reg = Registration::spawn(client.clone(), service("web-1", 9001), quick_opts()).unwrap();
+    let reg =
+        Registration::spawn(client.clone(), service("web-1", "web", 9001), quick_opts()).unwrap();
     let mut state = reg.state();
     state_is(&mut state, RegistrationState::Registered).await;
 
@@ -305,7 +197,7 @@ async fn registers_again_when_deregistered_behind_its_back() {
 async fn rejects_unspecified_addresses() {
     let client = client_for(dead_addr().await);
     for bad in ["0.0.0.0", "::", "[::]"] {
-        let mut reg = service("web-1", 9001);
+        let mut reg = service("web-1", "web", 9001);
         reg.address = Some(bad.into());
         let result = Registration::spawn(client.clone(), reg, RegistrationOptions::default());
         assert!(matches!(result, Err(Error::Config(_))), "{bad}: {result:?}");
@@ -314,7 +206,7 @@ async fn rejects_unspecified_addresses() {
 
 #[tokio::test]
 async fn ttl_heartbeat_keeps_a_ttl_check_passing() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     let ttl = Duration::from_secs(2);
     let opts = RegistrationOptions {
@@ -323,7 +215,7 @@ async fn ttl_heartbeat_keeps_a_ttl_check_passing() {
     };
     let reg = Registration::spawn(
         client.clone(),
-        with_ttl(service("web-1", 9001), "web-1:ttl", "2s"),
+        with_ttl(service("web-1", "web", 9001), "web-1:ttl", "2s"),
         opts,
     )
     .unwrap();
@@ -352,7 +244,7 @@ async fn ttl_heartbeat_keeps_a_ttl_check_passing() {
 
 #[tokio::test]
 async fn ttl_heartbeat_404_registers_again() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     let opts = RegistrationOptions {
         // Verification is far off: only the heartbeat's 404 can notice the loss in time.
@@ -362,7 +254,7 @@ async fn ttl_heartbeat_404_registers_again() {
     };
     let reg = Registration::spawn(
         client.clone(),
-        with_ttl(service("web-1", 9001), "web-1:ttl", "10s"),
+        with_ttl(service("web-1", "web", 9001), "web-1:ttl", "10s"),
         opts,
     )
     .unwrap();

@@ -3,105 +3,19 @@
 //! Every wait is a poll for a condition with a generous deadline; nothing asserts tight timing.
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use discovery::agent::{run, AgentConfig};
+use common::{client_for, dead_addr, eventually, passing, service, Agent, DEADLINE};
 use discovery::watch::{Snapshot, Watch, WatchOptions};
-use discovery::wire::{CheckDefinition, ServiceRegistration};
-use discovery::{Client, ClientConfig, HealthQuery};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
-use tokio::time::{sleep, timeout, Instant};
+use discovery::wire::CheckDefinition;
+use tokio::sync::watch;
+use tokio::time::timeout;
 
-/// Generous: these tests share two cores with parallel builds.
-const DEADLINE: Duration = Duration::from_secs(10);
 /// "Shows up quickly": far below the 60 s blocking `wait`, so only a wake-up can meet it.
 const QUICKLY: Duration = Duration::from_secs(5);
-
-/// An in-process dev agent that can be stopped and started again (empty) on the same address.
-struct Agent {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Agent {
-    async fn start() -> Agent {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-    }
-
-    /// Starts a fresh agent on `addr`; the port may take a moment to become free again.
-    async fn start_at(addr: SocketAddr) -> Agent {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => return Self::serve(listener),
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("binding {addr} again: {e}; retrying");
-                    sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("could not bind {addr} again: {e}"),
-            }
-        }
-    }
-
-    fn serve(listener: TcpListener) -> Agent {
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let config = AgentConfig {
-            node_name: "test".into(),
-            datacenter: "dc1".into(),
-            advertise: "127.0.0.1".parse().unwrap(),
-            reap_interval: Duration::from_secs(1),
-            deregister_min: Duration::from_secs(1),
-        };
-        let task = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Agent {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            timeout(DEADLINE, task)
-                .await
-                .expect("the agent stops")
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(ClientConfig::new(&self.addr.to_string()).unwrap())
-    }
-}
-
-/// An address nobody listens on (connection refused).
-async fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
-fn service(id: &str, name: &str, port: u16) -> ServiceRegistration {
-    ServiceRegistration {
-        id: Some(id.into()),
-        name: name.into(),
-        address: Some("127.0.0.1".into()),
-        port: Some(port),
-        ..Default::default()
-    }
-}
 
 fn ids(snapshot: &Option<Arc<Snapshot>>) -> Vec<String> {
     snapshot
@@ -124,19 +38,6 @@ async fn snapshot_where(
     got.clone().expect("a snapshot")
 }
 
-/// Polls `cond` until it holds, or panics after [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Backoff short enough that failures pile up quickly in tests.
 fn quick_opts() -> WatchOptions {
     WatchOptions {
@@ -148,7 +49,7 @@ fn quick_opts() -> WatchOptions {
 
 #[tokio::test]
 async fn first_snapshot_appears_and_registrations_show_up_quickly() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     client
         .register(&service("web-1", "web", 9001))
@@ -192,7 +93,7 @@ async fn first_snapshot_appears_and_registrations_show_up_quickly() {
 
 #[tokio::test]
 async fn a_missing_service_is_an_empty_set_until_it_registers() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     let watch = Watch::spawn(client.clone(), "later", WatchOptions::default());
     let mut rx = watch.snapshots();
@@ -213,7 +114,7 @@ async fn a_missing_service_is_an_empty_set_until_it_registers() {
 
 #[tokio::test]
 async fn keeps_last_known_good_while_the_agent_is_down_and_converges_after_restart() {
-    let mut agent = Agent::start().await;
+    let mut agent = Agent::start_quick().await;
     let addr = agent.addr;
     let client = agent.client();
     client
@@ -243,7 +144,7 @@ async fn keeps_last_known_good_while_the_agent_is_down_and_converges_after_resta
     let updates_while_down = status.updates;
 
     // The agent comes back empty; the worker registers again (on another port, to tell them apart).
-    let _agent = Agent::start_at(addr).await;
+    let _agent = Agent::start_quick_at(addr).await;
     client
         .register(&service("web-1", "web", 9011))
         .await
@@ -265,7 +166,7 @@ async fn keeps_last_known_good_while_the_agent_is_down_and_converges_after_resta
 
 #[tokio::test]
 async fn an_agent_restarted_empty_keeps_instances_for_the_recovery_grace_only() {
-    let mut agent = Agent::start().await;
+    let mut agent = Agent::start_quick().await;
     let addr = agent.addr;
     let client = agent.client();
     client
@@ -287,7 +188,7 @@ async fn an_agent_restarted_empty_keeps_instances_for_the_recovery_grace_only() 
     })
     .await;
     // Back, but empty: web-1 has not registered again (yet).
-    let _agent = Agent::start_at(addr).await;
+    let _agent = Agent::start_quick_at(addr).await;
     eventually("the watcher to hear from the agent again", || {
         let status = watch.status();
         async move { status.is_healthy() }
@@ -310,7 +211,7 @@ async fn an_agent_restarted_empty_keeps_instances_for_the_recovery_grace_only() 
 
 #[tokio::test]
 async fn publishes_only_real_changes() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_quick().await;
     let client = agent.client();
     client
         .register(&service("web-1", "web", 9001))
@@ -344,16 +245,7 @@ async fn publishes_only_real_changes() {
 
     // Barrier: once the watcher has seen an answer at least this new, it has processed every
     // wake-up caused by the writes above.
-    let (_, meta) = client
-        .health_service(
-            "web",
-            &HealthQuery {
-                passing: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (_, meta) = client.health_service("web", &passing()).await.unwrap();
     eventually("the watcher to catch up", || {
         let index = watch.status().index;
         async move { index >= meta.index }
@@ -383,7 +275,7 @@ async fn publishes_only_real_changes() {
 #[tokio::test]
 async fn stops_promptly_while_backing_off_and_when_dropped() {
     let addr = dead_addr().await;
-    let client = Client::new(ClientConfig::new(&addr.to_string()).unwrap());
+    let client = client_for(addr);
     let slow = WatchOptions {
         backoff_min: Duration::from_secs(60),
         backoff_max: Duration::from_secs(120),
