@@ -180,6 +180,9 @@ pub async fn run(
     // already peeks at the first bytes (see `detect_protocol`), and serving HTTP/1 directly
     // saves the auto builder's replay layer on every read.
     let mut h1 = hyper::server::conn::http1::Builder::new();
+    // One flat write per response instead of writev: small answers dominate, and the copy is
+    // cheaper than the kernel's iovec handling (measured ~4% more requests per CPU-second).
+    h1.writev(false);
     h1.timer(TokioTimer::new())
         .header_read_timeout(app.config.header_read_timeout)
         .max_buf_size(app.config.max_header_bytes.max(8192))
