@@ -26,7 +26,7 @@ pub mod upstream;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -195,29 +195,9 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
     tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
     tokio::pin!(shutdown);
-    loop {
-        // The connection cap: wait for a free slot before accepting, so excess clients queue
-        // in the kernel's backlog instead of costing memory here.
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, never stop serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((permit, stream, peer)) =
+        discovery::serve::accept(&listener, &permits, &mut shutdown).await
+    {
         let app_c = Arc::clone(&app);
         let client = Arc::new(proxy::Peer::new(peer));
         let svc = hyper::service::service_fn(move |req| {

@@ -1,6 +1,49 @@
 //! Pieces shared by the HTTP servers of the project (dev agent, worker, balancer).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Pause after a failed `accept` (out of file descriptors and the like) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The next connection, with the connection-cap slot it holds; `None` once `shutdown`
+/// completes. Waiting for a free slot *before* accepting leaves excess clients in the
+/// kernel's listen backlog instead of costing memory here. A failed accept is logged and
+/// retried after a short pause: the accept loop never dies of it.
+pub async fn accept<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    shutdown: &mut Pin<&mut F>,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        _ = shutdown.as_mut() => return None,
+        p = Arc::clone(permits).acquire_owned() => p.ok()?,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((permit, stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying shortly");
+                    tokio::select! {
+                        _ = shutdown.as_mut() => return None,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+}
 
 /// The protocol a client speaks, told from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

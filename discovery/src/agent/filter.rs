@@ -463,29 +463,25 @@ impl Parser<'_> {
     }
 
     fn or(&mut self) -> Result<Expr, FilterError> {
-        let mut items = vec![self.and()?];
-        loop {
-            let save = self.pos;
-            if self.ws() && self.keyword("or") && self.ws() {
-                items.push(self.and()?);
-            } else {
-                self.pos = save;
-                break;
-            }
-        }
-        Ok(if items.len() == 1 {
-            items.remove(0)
-        } else {
-            Expr::Or(items)
-        })
+        self.joined("or", Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr, FilterError> {
-        let mut items = vec![self.unary()?];
+        self.joined("and", Self::unary, Expr::And)
+    }
+
+    /// `operand (keyword operand)*`: one operand stays as it is, several become `join(list)`.
+    fn joined(
+        &mut self,
+        keyword: &str,
+        operand: fn(&mut Self) -> Result<Expr, FilterError>,
+        join: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr, FilterError> {
+        let mut items = vec![operand(self)?];
         loop {
             let save = self.pos;
-            if self.ws() && self.keyword("and") && self.ws() {
-                items.push(self.unary()?);
+            if self.ws() && self.keyword(keyword) && self.ws() {
+                items.push(operand(self)?);
             } else {
                 self.pos = save;
                 break;
@@ -494,7 +490,7 @@ impl Parser<'_> {
         Ok(if items.len() == 1 {
             items.remove(0)
         } else {
-            Expr::And(items)
+            join(items)
         })
     }
 

@@ -243,30 +243,9 @@ pub async fn run(
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(addr = ?listener.local_addr().ok(), node = %shared.config.node_name, "dev agent serving the Consul HTTP API");
     tokio::pin!(shutdown);
-    loop {
-        // The connection cap: beyond it, clients wait in the listen backlog.
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; never exit the loop.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    }
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((permit, stream, peer)) =
+        crate::serve::accept(&listener, &permits, &mut shutdown).await
+    {
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
