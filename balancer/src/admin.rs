@@ -83,6 +83,7 @@ pub fn status(app: &App) -> serde_json::Value {
         "uptime_seconds": app.started.elapsed().as_secs(),
         "connections": app.connections.load(Ordering::Relaxed),
         "requests_without_route": app.no_route.load(Ordering::Relaxed),
+        "http1_handoffs": app.handoffs.load(Ordering::Relaxed),
         "services": services,
     })
 }
@@ -177,6 +178,7 @@ pub fn metrics(app: &App) -> String {
             );
         }
     }
+    let _ = writeln!(out, "# HELP balancer_http1_handoffs_total HTTP/1 connections the fast path handed to the general path (HTTP/1.0, Expect, upgrades, chunked or large uploads).\n# TYPE balancer_http1_handoffs_total counter\nbalancer_http1_handoffs_total {}", app.handoffs.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP balancer_connections Client connections open.\n# TYPE balancer_connections gauge\nbalancer_connections {}", app.connections.load(Ordering::Relaxed));
     out
 }

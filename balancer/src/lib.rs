@@ -12,13 +12,18 @@
 //! - [`service`]: a service's snapshot and round-robin selection.
 //! - [`upstream`]: instances: connection pool, ejection, counters.
 //! - [`proxy`]: the request path and the one error-to-status mapping.
+//! - [`fast`]: the HTTP/1 fast path (most requests), on the same rules as `proxy`.
+//! - [`chunked`]: where a chunked body ends, for the fast path.
 //! - [`admin`]: `/status`, `/metrics`, `/health` on the admin listener.
 //! - [`metrics`]: atomic counters and histogram, Prometheus text.
 
 pub mod admin;
+pub mod chunked;
 pub mod cli;
 pub mod config;
+pub mod fast;
 pub mod metrics;
+mod prefixed;
 pub mod proxy;
 pub mod service;
 pub mod upstream;
@@ -52,6 +57,8 @@ pub struct App {
     pub no_route: AtomicU64,
     /// Client connections currently open.
     pub connections: AtomicU64,
+    /// HTTP/1 connections the fast path handed to hyper (see [`fast`]).
+    pub handoffs: AtomicU64,
     pub started: Instant,
 }
 
@@ -81,6 +88,7 @@ impl App {
             watches,
             no_route: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            handoffs: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -199,7 +207,8 @@ pub async fn run(
         discovery::serve::accept(&listener, &permits, &mut shutdown).await
     {
         let app_c = Arc::clone(&app);
-        let client = Arc::new(proxy::Peer::new(peer));
+        let fast_peer = proxy::Peer::new(peer);
+        let client = Arc::new(fast_peer.clone());
         let svc = hyper::service::service_fn(move |req| {
             let app = Arc::clone(&app_c);
             let client = Arc::clone(&client);
@@ -210,11 +219,23 @@ pub async fn run(
         let header_read_timeout = app.config.header_read_timeout;
         let app_c = Arc::clone(&app);
         app_c.connections.fetch_add(1, Ordering::Relaxed);
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let served = match detect_protocol(io.inner(), header_read_timeout).await {
-                Some(Protocol::Http1) => watcher.watch(builders.0.serve_connection(io, svc)).await,
-                Some(Protocol::Http2) => watcher.watch(builders.1.serve_connection(io, svc)).await,
+            let served = match detect_protocol(&stream, header_read_timeout).await {
+                Some(Protocol::Http1) => {
+                    match fast::serve(Arc::clone(&app_c), stream, fast_peer, stop).await {
+                        (_, fast::Outcome::Closed) => Ok(()),
+                        (stream, fast::Outcome::Handoff(read)) => {
+                            app_c.handoffs.fetch_add(1, Ordering::Relaxed);
+                            let io = TokioIo::new(prefixed::Prefixed::new(read, stream));
+                            watcher.watch(builders.0.serve_connection(io, svc)).await
+                        }
+                    }
+                }
+                Some(Protocol::Http2) => {
+                    let io = TokioIo::new(stream);
+                    watcher.watch(builders.1.serve_connection(io, svc)).await
+                }
                 None => {
                     tracing::debug!(%peer, "no request within the header read timeout; closing");
                     Ok(())
@@ -230,8 +251,15 @@ pub async fn run(
     drop(listener);
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
+    // hyper's connections are told through `graceful`, the fast path's through `stop`;
+    // every connection holds a permit until it ends.
+    let all = u32::try_from(app.config.max_connections).unwrap_or(u32::MAX);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = permits.acquire_many(all).await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = drained => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(app.config.shutdown_grace) => {
             tracing::warn!(grace = ?app.config.shutdown_grace, "shutdown grace expired with connections still open");
         }

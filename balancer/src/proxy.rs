@@ -94,7 +94,13 @@ pub enum ProxyError {
 impl ProxyError {
     /// The one mapping from failure to status code and short body.
     pub fn into_response(self) -> Response<ProxyBody> {
-        let (status, body) = match &self {
+        let (status, body) = self.status_and_body();
+        local(status, body)
+    }
+
+    /// The status code and body of the answer (see [`ProxyError::into_response`]).
+    pub fn status_and_body(&self) -> (StatusCode, String) {
+        match self {
             ProxyError::BadRequest { .. } => (
                 StatusCode::BAD_REQUEST,
                 "the request body could not be read\n".to_string(),
@@ -115,8 +121,25 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("an instance of service {service} did not answer in time\n"),
             ),
-        };
-        local(status, body)
+        }
+    }
+
+    /// Logs the failure and counts the local answer it becomes, for `service`.
+    pub fn report(&self, service: &ServiceState) {
+        match self {
+            ProxyError::AllFailed { service, last } => {
+                tracing::warn!(%service, cause = last.as_deref().unwrap_or(""), "no instance could answer");
+            }
+            ProxyError::Timeout { service, instance } => {
+                tracing::warn!(%service, %instance, "instance did not answer in time");
+            }
+            ProxyError::BadRequest { cause } => {
+                tracing::debug!(%cause, "client request body failed");
+            }
+            _ => {}
+        }
+        let class = usize::from(self.status_and_body().0.as_u16() / 100).clamp(1, 5) - 1;
+        service.metrics.local[class].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -161,10 +184,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+    is_idempotent_method(m.as_str())
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2).
+pub(crate) fn is_idempotent_method(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
 /// The client end of a connection, with what every request on it forwards, computed once
@@ -181,6 +206,11 @@ impl Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self { addr, ip }
+    }
+
+    /// The client IP as text, for `X-Forwarded-For`.
+    pub fn ip_bytes(&self) -> &[u8] {
+        self.ip.as_bytes()
     }
 }
 
@@ -240,22 +270,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     match result {
         Ok(resp) => resp,
         Err(e) => {
-            match &e {
-                ProxyError::AllFailed { service, last } => {
-                    tracing::warn!(%service, cause = last.as_deref().unwrap_or(""), "no instance could answer");
-                }
-                ProxyError::Timeout { service, instance } => {
-                    tracing::warn!(%service, %instance, "instance did not answer in time");
-                }
-                ProxyError::BadRequest { cause } => {
-                    tracing::debug!(%cause, "client request body failed");
-                }
-                _ => {}
-            }
-            let resp = e.into_response();
-            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
-            service.metrics.local[class].fetch_add(1, Ordering::Relaxed);
-            resp
+            e.report(&service);
+            e.into_response()
         }
     }
 }

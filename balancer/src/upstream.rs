@@ -70,6 +70,12 @@ struct Idle {
     since: Instant,
 }
 
+/// An idle connection of the HTTP/1 fast path (see `fast`): a bare socket between requests.
+struct RawIdle {
+    stream: TcpStream,
+    since: Instant,
+}
+
 /// One instance of a service. Shared by consecutive snapshots while the instance stays
 /// (same ID, same address), so counters, ejection state and pooled connections survive
 /// discovery updates; dropped (closing its pool) when the instance leaves.
@@ -78,6 +84,7 @@ pub struct Backend {
     /// `host:port`, also the `Host`-independent connect target.
     pub authority: String,
     pool: Mutex<Vec<Idle>>,
+    raw_pool: Mutex<Vec<RawIdle>>,
     idle_timeout: Duration,
     /// Requests answered, by status class 1xx..5xx (index 0..4).
     pub responses: [AtomicU64; 5],
@@ -141,6 +148,7 @@ impl Backend {
             instance,
             authority,
             pool: Mutex::new(Vec::new()),
+            raw_pool: Mutex::new(Vec::new()),
             idle_timeout,
             responses: Default::default(),
             failures: AtomicU64::new(0),
@@ -154,6 +162,11 @@ impl Backend {
     fn pool(&self) -> MutexGuard<'_, Vec<Idle>> {
         // The pool holds only connections; a panic elsewhere cannot corrupt it.
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raw_pool(&self) -> MutexGuard<'_, Vec<RawIdle>> {
+        // As for `pool`.
+        self.raw_pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn now_ms(&self) -> u64 {
@@ -180,7 +193,7 @@ impl Backend {
         );
         self.ejections.fetch_add(1, Ordering::Relaxed);
         // Pooled connections to an instance that refuses new ones are suspect too.
-        self.pool().clear();
+        self.clear_pool();
     }
 
     /// A connect succeeded: the instance is back.
@@ -223,10 +236,11 @@ impl Backend {
     /// Drops every pooled connection (the instance restarted or closed them).
     pub fn clear_pool(&self) {
         self.pool().clear();
+        self.raw_pool().clear();
     }
 
-    /// A new connection, bypassing the pool.
-    pub async fn connect_fresh(&self, connect_timeout: Duration) -> Result<Conn, ConnectError> {
+    /// A new TCP connection to the instance.
+    async fn dial(&self, connect_timeout: Duration) -> Result<TcpStream, ConnectError> {
         let stream = match tokio::time::timeout(
             connect_timeout,
             TcpStream::connect(self.authority.as_str()),
@@ -238,6 +252,58 @@ impl Backend {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// For the fast path: a pooled idle socket (`true`: reused), or a new one. `now` is about
+    /// the present (the caller has read the clock already).
+    ///
+    /// A pooled socket that the reactor saw become readable while idle is dropped: the
+    /// instance closed it (or sent bytes no request asked for). The check reads tokio's
+    /// cached readiness only, no system call (see `checkin_raw`).
+    pub async fn checkout_raw(
+        &self,
+        connect_timeout: Duration,
+        now: Instant,
+    ) -> Result<(TcpStream, bool), ConnectError> {
+        {
+            let mut pool = self.raw_pool();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            while let Some(idle) = pool.pop() {
+                if now.saturating_duration_since(idle.since) < self.idle_timeout
+                    && idle.stream.poll_read_ready(&mut cx).is_pending()
+                {
+                    return Ok((idle.stream, true));
+                }
+            }
+        }
+        Ok((self.dial(connect_timeout).await?, false))
+    }
+
+    /// A new socket for the fast path, bypassing the pool.
+    pub async fn connect_raw(&self, connect_timeout: Duration) -> Result<TcpStream, ConnectError> {
+        self.dial(connect_timeout).await
+    }
+
+    /// Returns a fast-path socket whose last response was read exactly to its end.
+    ///
+    /// tokio clears a socket's cached readiness after a read that did not fill the buffer
+    /// (the kernel had nothing more), so a socket pooled after such a read turns readable
+    /// again only on a new event, which `checkout_raw` then sees. After a read that filled
+    /// the buffer exactly it stays readable and is dropped at checkout: wasteful but safe.
+    pub fn checkin_raw(&self, stream: TcpStream) {
+        let mut pool = self.raw_pool();
+        if pool.len() < MAX_IDLE_PER_INSTANCE {
+            pool.push(RawIdle {
+                stream,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// A new connection, bypassing the pool.
+    pub async fn connect_fresh(&self, connect_timeout: Duration) -> Result<Conn, ConnectError> {
+        let stream = self.dial(connect_timeout).await?;
         // Flat writes, as on the client side (see `run`).
         let (sender, conn) = http1::Builder::new()
             .writev(false)

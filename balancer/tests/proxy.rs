@@ -798,3 +798,55 @@ async fn a_broken_client_body_is_the_clients_fault() {
     assert_eq!(status["instances"][0]["ejected"], false, "{status}");
     lb.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http1_stays_on_the_fast_path_and_the_rest_is_handed_off() {
+    // The fast path serves HTTP/1.1 requests with small bodies; HTTP/1.0 and chunked uploads
+    // go to the general (hyper) path. Both answer alike; `/status` counts the hand-offs.
+    let backends = three_backends().await;
+    let lb = balancer_for(&backends).await;
+    let handoffs = |st: serde_json::Value| st["http1_handoffs"].as_u64().unwrap();
+
+    let mut conn = H1Conn::connect(lb.addr).await.unwrap();
+    for _ in 0..9 {
+        assert_eq!(conn.get("/", &[]).await.unwrap().status, StatusCode::OK);
+    }
+    let small = random_bytes(3000);
+    let req = request(Method::POST, lb.addr, "/hash")
+        .body(Full::new(Bytes::from(small.clone())))
+        .unwrap();
+    let a = conn.send(req).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.text(), digest(&small));
+    assert_eq!(handoffs(lb.status().await), 0, "all on the fast path");
+    assert_eq!(backends.iter().map(Backend::hits).sum::<u64>(), 10);
+
+    // HTTP/1.0: handed off, and answered.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let (got, closed) = read_until_closed(&mut s, DEADLINE).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200"),
+        "{got}"
+    );
+    assert!(closed, "an HTTP/1.0 request without keep-alive closes");
+    assert_eq!(handoffs(lb.status().await), 1);
+
+    // A chunked upload on a connection that served a request on the fast path first.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    s.write_all(b"POST /hash HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_one_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(second.ends_with(&digest(b"abc")), "{second}");
+    assert_eq!(handoffs(lb.status().await), 2);
+    drop(conn);
+    lb.stop().await;
+}
