@@ -152,29 +152,27 @@ impl Backend {
         let seen = Arc::new(Seen::default());
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let name_c: Arc<str> = name.into();
-        let (seen_c, conns_c) = (Arc::clone(&seen), Arc::clone(&conns));
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                seen_c.connections.fetch_add(1, Ordering::Relaxed);
+        let seen_c = Arc::clone(&seen);
+        let seen_count = Arc::clone(&seen);
+        let accept = accept_loop(
+            listener,
+            move || {
+                seen_count.connections.fetch_add(1, Ordering::Relaxed);
+            },
+            Arc::clone(&conns),
+            move |stream| {
                 let (name, seen) = (Arc::clone(&name_c), Arc::clone(&seen_c));
                 let svc = hyper::service::service_fn(move |req| {
                     serve(Arc::clone(&name), Arc::clone(&seen), req)
                 });
-                let task = tokio::spawn(async move {
+                tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
-                });
-                let mut c = conns_c.lock().unwrap();
-                c.retain(|t| !t.is_finished());
-                c.push(task);
-            }
-        });
+                })
+            },
+        );
         Backend {
             name: name.to_string(),
             addr,
@@ -237,6 +235,30 @@ impl Drop for Backend {
             }
         }
     }
+}
+
+/// Accepts on `listener` until aborted. Each connection (with TCP_NODELAY) is counted by
+/// `accepted` and served by the task `serve` spawns, which is kept in `conns` so that a
+/// test can close every connection, as a dying process would.
+pub fn accept_loop(
+    listener: TcpListener,
+    accepted: impl Fn() + Send + 'static,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    serve: impl Fn(TcpStream) -> JoinHandle<()> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            accepted();
+            let task = serve(stream);
+            let mut c = conns.lock().unwrap();
+            c.retain(|t| !t.is_finished());
+            c.push(task);
+        }
+    })
 }
 
 /// A static instance of `service` with ID `id` at `addr`.

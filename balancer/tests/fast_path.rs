@@ -1,0 +1,1045 @@
+//! The HTTP/1 fast path (`balancer::fast`) over raw sockets: response framing (chunked with
+//! trailers, HEAD, 204/304, close-delimited, 1xx, large bodies, non-chunked transfer codings),
+//! pipelining, the hand-offs to hyper (HTTP/1.0, `Expect`), malformed and oversized requests,
+//! upstream keep-alive hygiene (stale pooled sockets, instances out of step), `Connection:
+//! close` and graceful shutdown.
+//!
+//! Where the hyper test backend cannot produce a behaviour, a scripted raw upstream
+//! ([`RawUpstream`]) writes exact bytes. Every wait is bounded by [`DEADLINE`].
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+// ---------------------------------------------------------------------------------------------
+// A scripted raw upstream
+// ---------------------------------------------------------------------------------------------
+
+/// One thing the raw upstream does in answer to a request.
+enum Step {
+    Write(Vec<u8>),
+    Sleep(Duration),
+    /// Close the connection (no further requests are read on it).
+    Close,
+}
+
+/// A request as the raw upstream received it.
+#[derive(Debug, Clone)]
+struct RawRequest {
+    method: String,
+    path: String,
+    head: String,
+    body: Vec<u8>,
+}
+
+type Script = Arc<dyn Fn(&RawRequest) -> Vec<Step> + Send + Sync>;
+
+/// What the raw upstream saw.
+#[derive(Default)]
+struct RawSeen {
+    connections: AtomicU64,
+    requests: AtomicU64,
+    log: Mutex<Vec<RawRequest>>,
+}
+
+/// A `TcpListener` whose connections read request heads (and `Content-Length` bodies) and
+/// answer each with the steps the script returns for it.
+struct RawUpstream {
+    addr: SocketAddr,
+    seen: Arc<RawSeen>,
+    accept: JoinHandle<()>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl RawUpstream {
+    async fn start(script: impl Fn(&RawRequest) -> Vec<Step> + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(RawSeen::default());
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let script: Script = Arc::new(script);
+        let (seen_c, seen_count) = (Arc::clone(&seen), Arc::clone(&seen));
+        let accept = accept_loop(
+            listener,
+            move || {
+                seen_count.connections.fetch_add(1, Ordering::SeqCst);
+            },
+            Arc::clone(&conns),
+            move |stream| tokio::spawn(serve_raw(stream, Arc::clone(&script), Arc::clone(&seen_c))),
+        );
+        RawUpstream {
+            addr,
+            seen,
+            accept,
+            conns,
+        }
+    }
+
+    fn connections(&self) -> u64 {
+        self.seen.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> u64 {
+        self.seen.requests.load(Ordering::SeqCst)
+    }
+
+    fn log(&self) -> Vec<RawRequest> {
+        self.seen.log.lock().unwrap().clone()
+    }
+
+    /// A balancer routing every path of service `web` to this upstream alone.
+    async fn balancer(&self) -> Balancer {
+        Balancer::with_static(
+            config(&["web"]),
+            vec![("web", vec![instance("raw", "web", self.addr)])],
+        )
+        .await
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if let Ok(mut c) = self.conns.lock() {
+            for t in c.drain(..) {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn serve_raw(mut s: TcpStream, script: Script, seen: Arc<RawSeen>) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut words = head.lines().next().unwrap_or("").split(' ');
+        let method = words.next().unwrap_or("").to_string();
+        let path = words.next().unwrap_or("").to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let req = RawRequest {
+            method,
+            path,
+            head,
+            body: buf[head_end..head_end + len].to_vec(),
+        };
+        buf.drain(..head_end + len);
+        seen.requests.fetch_add(1, Ordering::SeqCst);
+        seen.log.lock().unwrap().push(req.clone());
+        for step in script(&req) {
+            match step {
+                Step::Write(b) => {
+                    if s.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Sleep(d) => tokio::time::sleep(d).await,
+                Step::Close => return,
+            }
+        }
+    }
+}
+
+/// `bytes` as writes cut at `cuts` (offsets), with `pause` between them.
+fn in_pieces(bytes: &[u8], cuts: &[usize], pause: Duration) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut from = 0;
+    for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+        if from > 0 {
+            steps.push(Step::Sleep(pause));
+        }
+        steps.push(Step::Write(bytes[from..c].to_vec()));
+        from = c;
+    }
+    steps
+}
+
+/// A complete `Content-Length` answer.
+fn ok_with(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw client
+// ---------------------------------------------------------------------------------------------
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    /// Names lowercased, in order.
+    headers: Vec<(String, String)>,
+    /// The body as it came on the wire (chunk framing included).
+    wire_body: Vec<u8>,
+    /// The body's content (de-chunked).
+    body: Vec<u8>,
+    /// Trailer lines of a chunked body.
+    trailers: Vec<String>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn has_connection_close(&self) -> bool {
+        self.headers.iter().any(|(k, v)| {
+            k == "connection" && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+        })
+    }
+}
+
+/// An HTTP/1 client on a bare socket: writes exactly what the test says, parses what comes.
+struct RawClient {
+    s: TcpStream,
+    /// Bytes read and not yet consumed by a response.
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr) -> Self {
+        RawClient {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more bytes; `false` at end of stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        match timeout(DEADLINE, self.s.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no bytes within {DEADLINE:?}; buffered: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                )
+            }) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    async fn more(&mut self, what: &str) {
+        if !self.fill().await {
+            panic!(
+                "connection closed while reading {what}; buffered: {:?}",
+                String::from_utf8_lossy(&self.buf[..self.buf.len().min(400)])
+            );
+        }
+    }
+
+    /// Waits until `n` bytes are buffered.
+    async fn need(&mut self, n: usize, what: &str) {
+        while self.buf.len() < n {
+            self.more(what).await;
+        }
+    }
+
+    /// The offset of the next `\n` at or after `from`.
+    async fn line_end(&mut self, from: usize) -> usize {
+        let mut searched = from;
+        loop {
+            if let Some(i) = self.buf[searched..].iter().position(|b| *b == b'\n') {
+                return searched + i;
+            }
+            searched = self.buf.len().max(from);
+            self.more("a chunked body line").await;
+        }
+    }
+
+    /// Reads one response (1xx included, bodiless). `bodiless`: the request was `HEAD`.
+    async fn response(&mut self, bodiless: bool) -> RawResponse {
+        let (head_len, status, headers) = loop {
+            let mut hs = [httparse::EMPTY_HEADER; 128];
+            let mut r = httparse::Response::new(&mut hs);
+            let parsed = r.parse(&self.buf).unwrap_or_else(|e| {
+                panic!(
+                    "malformed response head ({e}): {:?}",
+                    String::from_utf8_lossy(&self.buf[..self.buf.len().min(400)])
+                )
+            });
+            if let httparse::Status::Complete(n) = parsed {
+                let headers: Vec<(String, String)> = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                break (n, r.code.unwrap(), headers);
+            }
+            self.more("a response head").await;
+        };
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut resp = RawResponse {
+            status,
+            headers: headers.clone(),
+            wire_body: Vec::new(),
+            body: Vec::new(),
+            trailers: Vec::new(),
+        };
+        let mut decoded = None;
+        let end = if bodiless || (100..200).contains(&status) || status == 204 || status == 304 {
+            head_len
+        } else if let Some(te) = get("transfer-encoding") {
+            let chunked = te
+                .split(',')
+                .map(str::trim)
+                .rfind(|t| !t.is_empty())
+                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+            if chunked {
+                let (data, trailers, end) = self.read_chunked(head_len).await;
+                decoded = Some(data);
+                resp.trailers = trailers;
+                end
+            } else {
+                self.read_to_end().await
+            }
+        } else if let Some(len) = get("content-length") {
+            let len: usize = len.trim().parse().unwrap();
+            self.need(head_len + len, "a content-length body").await;
+            head_len + len
+        } else {
+            self.read_to_end().await
+        };
+        resp.wire_body = self.buf[head_len..end].to_vec();
+        resp.body = decoded.unwrap_or_else(|| resp.wire_body.clone());
+        self.buf.drain(..end);
+        resp
+    }
+
+    /// Reads until the peer closes; returns the buffered length.
+    async fn read_to_end(&mut self) -> usize {
+        while self.fill().await {}
+        self.buf.len()
+    }
+
+    /// Decodes the chunked body starting at `start`: (data, trailer lines, end offset).
+    async fn read_chunked(&mut self, start: usize) -> (Vec<u8>, Vec<String>, usize) {
+        let mut pos = start;
+        let mut data = Vec::new();
+        loop {
+            let nl = self.line_end(pos).await;
+            let line = String::from_utf8_lossy(&self.buf[pos..nl]).into_owned();
+            let line = line.strip_suffix('\r').expect("CRLF after a chunk size");
+            let size_text = line.split(';').next().unwrap().trim();
+            let size = usize::from_str_radix(size_text, 16)
+                .unwrap_or_else(|e| panic!("chunk size {size_text:?}: {e}"));
+            pos = nl + 1;
+            if size == 0 {
+                break;
+            }
+            self.need(pos + size + 2, "chunk data").await;
+            data.extend_from_slice(&self.buf[pos..pos + size]);
+            assert_eq!(
+                &self.buf[pos + size..pos + size + 2],
+                b"\r\n",
+                "CRLF after chunk data"
+            );
+            pos += size + 2;
+        }
+        let mut trailers = Vec::new();
+        loop {
+            let nl = self.line_end(pos).await;
+            let line = String::from_utf8_lossy(&self.buf[pos..nl])
+                .trim_end_matches('\r')
+                .to_string();
+            pos = nl + 1;
+            if line.is_empty() {
+                return (data, trailers, pos);
+            }
+            trailers.push(line);
+        }
+    }
+
+    /// Asserts that the peer closes the connection (within [`DEADLINE`]) with nothing more.
+    async fn expect_closed(&mut self) {
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        let mut chunk = [0u8; 4096];
+        let r = timeout(DEADLINE, self.s.read(&mut chunk))
+            .await
+            .expect("the balancer closes the connection within the deadline");
+        match r {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!(
+                "bytes instead of a close: {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+        }
+    }
+}
+
+fn get_req(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n\r\n").into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// A chunked response with a chunk extension and a trailer, written by the instance in odd
+/// pieces (cut inside the size line, inside chunk data, between the CR and LF of the final
+/// empty line) with pauses between, reaches the client whole and correctly framed; a second
+/// request on the same client connection works, and both went over one upstream connection
+/// (the balancer found the exact end of the chunked body and pooled the socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_response_with_trailers_in_odd_pieces() {
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n".to_vec();
+    let body =
+        b"1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n3\r\nxyz\r\n0\r\nx-sum: 42\r\n\r\n".to_vec();
+    let mut wire = head.clone();
+    wire.extend_from_slice(&body);
+    let h = head.len();
+    let cuts = [
+        20,              // inside the head
+        h + 1,           // inside the size line "1|a;ext=1"
+        h + 5,           // inside the extension
+        h + 10 + 7,      // inside chunk data
+        h + 10 + 26 + 1, // between the CR and LF after the data
+        wire.len() - 1,  // between the CR and LF of the final empty line
+    ];
+    let up = RawUpstream::start(move |_| in_pieces(&wire, &cuts, Duration::from_millis(30))).await;
+    let lb = up.balancer().await;
+
+    let mut c = RawClient::connect(lb.addr).await;
+    for round in 0..2 {
+        c.send(&get_req("/chunked")).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200, "round {round}: {r:?}");
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{r:?}");
+        assert_eq!(r.text(), "abcdefghijklmnopqrstuvwxyzxyz", "round {round}");
+        assert_eq!(r.trailers, vec!["x-sum: 42".to_string()], "round {round}");
+        assert_eq!(r.wire_body, body, "chunked bytes pass unchanged");
+        assert!(!r.has_connection_close(), "{r:?}");
+    }
+    assert_eq!(up.requests(), 2);
+    assert_eq!(
+        up.connections(),
+        1,
+        "both requests went over one pooled upstream connection"
+    );
+    lb.stop().await;
+}
+
+/// A `HEAD` answer carries `Content-Length: 1234` and no body: the client gets that head
+/// (length kept) and no body bytes, and the next `GET` on the same connection gets its own
+/// answer at once (the balancer did not wait for 1234 bytes); the upstream socket was reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_response_has_no_body() {
+    let up = RawUpstream::start(|req| {
+        if req.method == "HEAD" {
+            vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n".to_vec(),
+            )]
+        } else {
+            vec![Step::Write(ok_with("after head"))]
+        }
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(b"HEAD /thing HTTP/1.1\r\nHost: lb.test\r\n\r\n")
+        .await;
+    let r = c.response(true).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-length"), Some("1234"), "{r:?}");
+    assert!(r.wire_body.is_empty());
+    assert!(c.buf.is_empty(), "no body bytes after a HEAD answer");
+
+    c.send(&get_req("/thing")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "after head");
+    let log = up.log();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].method, "HEAD");
+    assert_eq!(log[1].method, "GET");
+    assert_eq!(up.connections(), 1, "the upstream socket was reused");
+    lb.stop().await;
+}
+
+/// 204 and 304 answers have no body, even when the 304 carries a `Content-Length`: the client
+/// gets each head alone, and the following requests on the same connection work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_content_and_not_modified_have_no_body() {
+    let up = RawUpstream::start(|req| {
+        let answer: Vec<u8> = match req.path.as_str() {
+            "/204" => b"HTTP/1.1 204 No Content\r\nX-Kind: none\r\n\r\n".to_vec(),
+            "/304" => {
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nETag: \"v1\"\r\n\r\n".to_vec()
+            }
+            _ => ok_with("plain"),
+        };
+        vec![Step::Write(answer)]
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+
+    c.send(&get_req("/204")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(r.header("x-kind"), Some("none"));
+
+    c.send(&get_req("/304")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 304, "{r:?}");
+    assert_eq!(r.header("content-length"), Some("10"), "{r:?}");
+    assert_eq!(r.header("etag"), Some("\"v1\""), "{r:?}");
+
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "plain");
+    assert!(c.buf.is_empty());
+    assert_eq!(up.requests(), 3);
+    assert_eq!(up.connections(), 1);
+    lb.stop().await;
+}
+
+/// A response without `Content-Length` or `Transfer-Encoding` ends when the instance closes:
+/// the client gets the whole body with `connection: close`, then the balancer closes the client
+/// connection. A new connection afterwards is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_response_closes_the_client() {
+    let body = random_bytes(200 * 1024);
+    let body_c = body.clone();
+    let up = RawUpstream::start(move |req| {
+        if req.path == "/close" {
+            let mut steps = vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\nX-Kind: eof\r\n\r\n".to_vec(),
+            )];
+            for piece in body_c.chunks(50_000) {
+                steps.push(Step::Sleep(Duration::from_millis(10)));
+                steps.push(Step::Write(piece.to_vec()));
+            }
+            steps.push(Step::Close);
+            steps
+        } else {
+            vec![Step::Write(ok_with("fresh"))]
+        }
+    })
+    .await;
+    let lb = up.balancer().await;
+
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/close")).await;
+    // Close-delimited for the client too: `response` reads until the balancer closes.
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    assert_eq!(r.header("x-kind"), Some("eof"));
+    assert!(r.has_connection_close(), "{:?}", r.headers);
+    assert_eq!(r.header("content-length"), None);
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(digest(&r.body), digest(&body));
+    c.expect_closed().await;
+
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "fresh");
+    lb.stop().await;
+}
+
+/// A 103 Early Hints before the final answer is skipped: the client gets the 200 with its body
+/// as the first thing on the wire (the 103 is not forwarded), and the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informational_answer_before_the_final_one() {
+    let up = RawUpstream::start(|req| {
+        if req.path == "/hints" {
+            vec![
+                Step::Write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n".to_vec()),
+                Step::Sleep(Duration::from_millis(50)),
+                Step::Write(ok_with("final")),
+            ]
+        } else {
+            vec![Step::Write(ok_with("next"))]
+        }
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/hints")).await;
+    let r = c.response(false).await;
+    assert_eq!(
+        r.status, 200,
+        "the 103 is not forwarded; the 200 comes first: {r:?}"
+    );
+    assert_eq!(r.text(), "final");
+    assert_eq!(r.header("link"), None);
+
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "next");
+    lb.stop().await;
+}
+
+/// Three requests in one write (pipelined) get three complete answers, in order, on the same
+/// connection, spread over three instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_answered_in_order() {
+    let backends = [
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ];
+    let instances = backends.iter().map(|b| b.instance("web")).collect();
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", instances)]).await;
+
+    let mut c = RawClient::connect(lb.addr).await;
+    let mut all = Vec::new();
+    for n in 1..=3 {
+        all.extend_from_slice(&get_req(&format!("/headers?n={n}")));
+    }
+    c.send(&all).await;
+    let mut names = Vec::new();
+    for n in 1..=3 {
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["uri"], format!("/headers?n={n}"), "answer {n} in order");
+        names.push(r.header("x-backend").unwrap().to_string());
+    }
+    names.sort();
+    assert_eq!(names, ["b1", "b2", "b3"], "round robin per request");
+    // Still open and usable.
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    lb.stop().await;
+}
+
+/// An HTTP/1.0 request (handed to the hyper path) is answered with the body, and then the
+/// connection is closed (HTTP/1.0 without keep-alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_request_is_served_then_closed() {
+    let b = Backend::start("b1").await;
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", vec![b.instance("web")])]).await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(b"GET / HTTP/1.0\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "b1");
+    c.expect_closed().await;
+    assert_eq!(b.hits(), 1);
+    lb.stop().await;
+}
+
+/// `Expect: 100-continue` the way curl sends it (head, then the body after a `100 Continue` or
+/// about a second) reaches `/hash` intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_upload() {
+    let b = Backend::start("b1").await;
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", vec![b.instance("web")])]).await;
+    let data = random_bytes(20_000);
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(
+        format!(
+            "POST /hash HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            data.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    // Like curl: wait for the interim answer, but not forever.
+    let mut got_continue = false;
+    if let Ok(more) = timeout(Duration::from_secs(1), c.fill()).await {
+        assert!(more, "closed before the body was sent");
+        let r = c.response(false).await;
+        assert_eq!(r.status, 100, "an interim 100 Continue: {r:?}");
+        got_continue = true;
+    }
+    c.send(&data).await;
+    let mut r = c.response(false).await;
+    if r.status == 100 {
+        assert!(!got_continue, "a second 100 Continue");
+        r = c.response(false).await;
+    }
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), digest(&data));
+    assert_eq!(
+        r.header("x-got-content-length").unwrap(),
+        data.len().to_string()
+    );
+    lb.stop().await;
+}
+
+/// A small `Content-Length` body sent in two writes 200 ms apart is waited for and arrives
+/// intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_body_in_two_writes_arrives_intact() {
+    let b = Backend::start("b1").await;
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", vec![b.instance("web")])]).await;
+    let data = random_bytes(3000);
+    let mut c = RawClient::connect(lb.addr).await;
+    let mut first = format!(
+        "POST /hash HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    )
+    .into_bytes();
+    first.extend_from_slice(&data[..1000]);
+    c.send(&first).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(&data[1000..]).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), digest(&data));
+    assert_eq!(r.header("x-got-content-length"), Some("3000"));
+    // The connection carries on.
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(b.hits(), 2);
+    lb.stop().await;
+}
+
+/// A malformed request line or header line is answered 400 and the connection closed; 101
+/// header lines are answered 431 and the connection closed; no instance saw any of them. 100
+/// header lines (the limit) are served. (A raw instance, which has no header limit of its own:
+/// the request reaches it with three forwarding headers more.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_are_rejected() {
+    let up = RawUpstream::start(|_| vec![Step::Write(ok_with("ok"))]).await;
+    let lb = up.balancer().await;
+
+    for bad in [
+        b"GARBAGE\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n".to_vec(),
+    ] {
+        let mut c = RawClient::connect(lb.addr).await;
+        c.send(&bad).await;
+        let r = c.response(false).await;
+        let what = String::from_utf8_lossy(&bad).into_owned();
+        assert_eq!(r.status, 400, "{what:?}: {r:?}");
+        assert!(r.has_connection_close(), "{what:?}: {r:?}");
+        c.expect_closed().await;
+    }
+
+    let lines = |n: usize| {
+        let mut head = String::from("GET / HTTP/1.1\r\nHost: lb.test\r\n");
+        for i in 1..n {
+            head.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    };
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(lines(101).as_bytes()).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 431, "101 header lines: {r:?}");
+    assert!(r.has_connection_close(), "{r:?}");
+    c.expect_closed().await;
+    assert_eq!(up.requests(), 0, "no rejected request reached an instance");
+
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(lines(100).as_bytes()).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "100 header lines: {r:?}");
+    assert_eq!(r.text(), "ok");
+    let log = up.log();
+    assert_eq!(log.len(), 1);
+    assert!(log[0].head.contains("X-H99: v\r\n"), "{}", log[0].head);
+    lb.stop().await;
+}
+
+/// 4 MiB answers stream through intact, framed by `Content-Length` and by chunks (written in
+/// 64 KiB pieces), one after the other on one client connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_responses_stream_intact() {
+    const SIZE: usize = 4 << 20;
+    const PIECE: usize = 64 * 1024;
+    let data = Arc::new(random_bytes(SIZE));
+    let data_c = Arc::clone(&data);
+    let up = RawUpstream::start(move |req| {
+        let mut steps = Vec::new();
+        if req.path == "/length" {
+            steps.push(Step::Write(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes(),
+            ));
+            for p in data_c.chunks(PIECE) {
+                steps.push(Step::Write(p.to_vec()));
+            }
+        } else {
+            steps.push(Step::Write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            ));
+            for p in data_c.chunks(PIECE) {
+                let mut w = format!("{:x}\r\n", p.len()).into_bytes();
+                w.extend_from_slice(p);
+                w.extend_from_slice(b"\r\n");
+                steps.push(Step::Write(w));
+            }
+            steps.push(Step::Write(b"0\r\n\r\n".to_vec()));
+        }
+        steps
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut conn = H1Conn::connect(lb.addr).await.unwrap();
+    for path in ["/length", "/chunked", "/length"] {
+        let a = timeout(DEADLINE, conn.get(path, &[]))
+            .await
+            .expect("the answer within the deadline")
+            .unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(a.body.len(), SIZE, "{path}");
+        assert_eq!(digest(&a.body), digest(&data), "{path}");
+    }
+    assert!(conn.is_open());
+    assert_eq!(up.requests(), 3);
+    lb.stop().await;
+}
+
+/// An instance that closes each connection ~50 ms after answering (an idle timeout): pooled
+/// sockets it closed are never used, so a GET, a POST with a body (not retryable) and another
+/// GET, 300 ms apart, all get 200, never 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pooled_connection_is_not_used() {
+    let up = RawUpstream::start(|req| {
+        let body = format!("{} {}", req.method, req.body.len());
+        vec![
+            Step::Write(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            ),
+            Step::Sleep(Duration::from_millis(50)),
+            Step::Close,
+        ]
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut conn = H1Conn::connect(lb.addr).await.unwrap();
+
+    let a = conn.get("/", &[]).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.text(), "GET 0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let req = request(Method::POST, lb.addr, "/")
+        .body(Full::new(Bytes::from_static(b"a small body")))
+        .unwrap();
+    let a = conn.send(req).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "POST: {}", a.text());
+    assert_eq!(a.text(), "POST 12");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let a = conn.get("/", &[]).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.text(), "GET 0");
+    assert_eq!(up.requests(), 3, "each request reached the instance once");
+    assert_eq!(up.connections(), 3);
+    lb.stop().await;
+}
+
+/// An instance that writes bytes after its `Content-Length` body is out of step: the client
+/// gets the right answer, and that upstream connection is not used again, whether the extra
+/// bytes came with the answer or a little later (while the socket sat in the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_bytes_after_the_body_retire_the_upstream_connection() {
+    let up = RawUpstream::start(|req| {
+        if req.path == "/late" {
+            vec![
+                Step::Write(ok_with("hello")),
+                Step::Sleep(Duration::from_millis(100)),
+                Step::Write(b"GARBAGE".to_vec()),
+            ]
+        } else {
+            let mut w = ok_with("hello");
+            w.extend_from_slice(b"GARBAGE\r\n");
+            vec![Step::Write(w)]
+        }
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+
+    // The extra bytes in the same write as the answer.
+    for round in 0..2 {
+        c.send(&get_req("/")).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200, "round {round}: {r:?}");
+        assert_eq!(r.text(), "hello");
+    }
+    assert!(c.buf.is_empty(), "no garbage reached the client");
+    assert!(
+        up.connections() >= 2,
+        "the out-of-step connection was not reused: {} connection(s)",
+        up.connections()
+    );
+
+    // The extra bytes after the answer, while the socket is idle in the pool.
+    let before = up.connections();
+    c.send(&get_req("/late")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(&get_req("/late")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "hello");
+    assert!(
+        up.connections() >= before + 2,
+        "a pooled socket with unasked-for bytes was dropped"
+    );
+    assert_eq!(up.requests(), 4);
+    lb.stop().await;
+}
+
+/// A client's `Connection: close` on the fast path: the answer carries `connection: close` and
+/// the balancer then closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connection_close_is_honoured() {
+    let b = Backend::start("b1").await;
+    let lb = Balancer::with_static(config(&["web"]), vec![("web", vec![b.instance("web")])]).await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: lb.test\r\nConnection: close\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "b1");
+    assert!(r.has_connection_close(), "{r:?}");
+    c.expect_closed().await;
+    assert_eq!(b.hits(), 1);
+    lb.stop().await;
+}
+
+/// Graceful shutdown with an idle keep-alive client connection (one request served): the
+/// balancer closes it and `stop` returns, although neither the shutdown grace nor the header
+/// read timeout (both longer than the test's deadline) could have ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let b = Backend::start("b1").await;
+    let mut cfg = config(&["web"]);
+    cfg.shutdown_grace = DEADLINE * 3;
+    cfg.header_read_timeout = DEADLINE * 3;
+    let lb = Balancer::with_static(cfg, vec![("web", vec![b.instance("web")])]).await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!r.has_connection_close());
+
+    // `stop` fails the test if the balancer has not returned within DEADLINE.
+    lb.stop().await;
+    c.expect_closed().await;
+}
+
+/// `Transfer-Encoding: gzip, chunked` on a response: the header reaches the client as sent and
+/// the chunked bytes pass unchanged (not decoded, not re-framed); the body's end is found, so
+/// the connection carries the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_chunked_response_passes_unchanged() {
+    let mut chunked = Vec::new();
+    let payload = random_bytes(5000);
+    for p in payload.chunks(1777) {
+        chunked.extend_from_slice(format!("{:X}\r\n", p.len()).as_bytes());
+        chunked.extend_from_slice(p);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let chunked_c = chunked.clone();
+    let up = RawUpstream::start(move |req| {
+        if req.path == "/gz" {
+            let mut w =
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: x-test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                    .to_vec();
+            w.extend_from_slice(&chunked_c);
+            vec![Step::Write(w)]
+        } else {
+            vec![Step::Write(ok_with("next"))]
+        }
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/gz")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("transfer-encoding"), Some("gzip, chunked"));
+    assert_eq!(r.header("content-encoding"), Some("x-test"));
+    assert!(r.wire_body == chunked, "the chunked bytes pass unchanged");
+    assert!(r.body == payload);
+
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "next");
+    assert_eq!(up.connections(), 1);
+    lb.stop().await;
+}
