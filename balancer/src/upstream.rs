@@ -291,13 +291,13 @@ impl Backend {
     /// (the kernel had nothing more), so a socket pooled after such a read turns readable
     /// again only on a new event, which `checkout_raw` then sees. After a read that filled
     /// the buffer exactly it stays readable and is dropped at checkout: wasteful but safe.
-    pub fn checkin_raw(&self, stream: TcpStream) {
+    ///
+    /// `since` starts its idle time; the start of its request will do, erring towards
+    /// retiring it early.
+    pub fn checkin_raw(&self, stream: TcpStream, since: Instant) {
         let mut pool = self.raw_pool();
         if pool.len() < MAX_IDLE_PER_INSTANCE {
-            pool.push(RawIdle {
-                stream,
-                since: Instant::now(),
-            });
+            pool.push(RawIdle { stream, since });
         }
     }
 
