@@ -822,12 +822,11 @@ fn parse_response(
         let n = h.name.as_bytes();
         // The body passes through unchanged, so its `Transfer-Encoding` does too; a length
         // beside it is dropped (RFC 9112 §6.3).
-        let framing_header =
-            eq(n, "transfer-encoding") || (transfer_encoding && eq(n, "content-length"));
-        if (is_hop_by_hop(n) && !framing_header) || named_in(n, names) {
-            continue;
-        }
-        if transfer_encoding && eq(n, "content-length") {
+        let coding = eq(n, "transfer-encoding");
+        if (is_hop_by_hop(n) && !coding)
+            || named_in(n, names)
+            || (transfer_encoding && eq(n, "content-length"))
+        {
             continue;
         }
         write_header(out, n, h.value);
