@@ -1000,6 +1000,34 @@ async fn shutdown_closes_idle_keep_alive_connections() {
     c.expect_closed().await;
 }
 
+/// Shutdown while a request is in flight on the fast path: the request is answered in full,
+/// then the connection closes and the balancer returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let b = Backend::start("b1").await;
+    let mut cfg = config(&["web"]);
+    cfg.shutdown_grace = DEADLINE * 3;
+    let lb = Balancer::with_static(cfg, vec![("web", vec![b.instance("web")])]).await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/slow?ms=1500")).await;
+    // Let the request reach the instance before shutdown begins.
+    eventually(
+        DEADLINE,
+        "the slow request reached the instance",
+        || async { (b.hits() == 1).then_some(()) },
+    )
+    .await;
+    let stopping = tokio::spawn(lb.stop());
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "b1");
+    c.expect_closed().await;
+    timeout(DEADLINE, stopping)
+        .await
+        .expect("the balancer stops once the request is answered")
+        .unwrap();
+}
+
 /// `Transfer-Encoding: gzip, chunked` on a response: the header reaches the client as sent and
 /// the chunked bytes pass unchanged (not decoded, not re-framed); the body's end is found, so
 /// the connection carries the next request.
