@@ -34,8 +34,13 @@ use crate::{App, Config};
 const MAX_HEADERS: usize = 100;
 /// Largest request body the fast path buffers; larger ones go to the hyper path.
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
-/// Buffer space offered to each read.
-const READ_SPACE: usize = 16 * 1024;
+/// Buffer space offered to each read of a client's requests (a head grows the buffer further
+/// if it needs to). Small, since an idle keep-alive connection keeps its buffers.
+const CLIENT_READ_SPACE: usize = 4 * 1024;
+/// Buffer space for the first read of a response; reads of a long body that fill it double
+/// it, up to [`MAX_READ_SPACE`].
+const UPSTREAM_READ_SPACE: usize = 8 * 1024;
+const MAX_READ_SPACE: usize = 64 * 1024;
 /// Most names a `Connection` header may list before the request goes to the hyper path.
 const MAX_CONNECTION_NAMES: usize = 8;
 
@@ -65,8 +70,8 @@ pub async fn serve(
         stream,
         peer,
         stop,
-        rbuf: BytesMut::with_capacity(READ_SPACE),
-        ubuf: BytesMut::with_capacity(READ_SPACE),
+        rbuf: BytesMut::with_capacity(CLIENT_READ_SPACE),
+        ubuf: BytesMut::with_capacity(UPSTREAM_READ_SPACE),
         req_out: Vec::with_capacity(1024),
         resp_out: Vec::with_capacity(1024),
         tried: Vec::with_capacity(4),
@@ -211,7 +216,7 @@ impl Conn {
 
     /// Reads more client bytes into `rbuf`, until `deadline`.
     async fn read_client(&mut self, deadline: Instant) -> Result<(), ReadError> {
-        self.rbuf.reserve(READ_SPACE);
+        self.rbuf.reserve(CLIENT_READ_SPACE);
         let idle = self.rbuf.is_empty();
         loop {
             tokio::select! {
@@ -427,7 +432,14 @@ impl Conn {
                     return Err(Failure::Malformed("response head too large".into()));
                 }
             }
-            match read_upstream(up, &mut self.ubuf, &mut self.upstream_timer, deadline).await {
+            let read = read_upstream(
+                up,
+                &mut self.ubuf,
+                UPSTREAM_READ_SPACE,
+                &mut self.upstream_timer,
+                deadline,
+            );
+            match read.await {
                 Ok(0) if self.ubuf.is_empty() => {
                     return Err(Failure::Sent(
                         "the connection closed before an answer".into(),
@@ -457,6 +469,7 @@ impl Conn {
         let mut end = BodyEnd::new(resp.framing);
         let mut reusable = resp.keep_alive;
         let mut first = true;
+        let mut space = UPSTREAM_READ_SPACE;
         loop {
             let (take, complete, broken) = match end.feed(&self.ubuf) {
                 Ok((take, complete)) => (take, complete, false),
@@ -492,7 +505,14 @@ impl Conn {
             }
             self.ubuf.clear();
             let deadline = Instant::now() + self.app.config.upstream_timeout;
-            match read_upstream(&mut up, &mut self.ubuf, &mut self.upstream_timer, deadline).await {
+            let read = read_upstream(
+                &mut up,
+                &mut self.ubuf,
+                space,
+                &mut self.upstream_timer,
+                deadline,
+            );
+            match read.await {
                 // The end of a close-delimited body; the client was told to close.
                 Ok(0) if resp.framing == Framing::Close => return Ok(false),
                 Ok(0) | Err(_) => {
@@ -500,6 +520,7 @@ impl Conn {
                     tracing::debug!(instance = %backend.instance.id, "response body cut off by the instance");
                     return Err(());
                 }
+                Ok(n) if n >= space && space < MAX_READ_SPACE => space *= 2,
                 Ok(_) => {}
             }
         }
@@ -605,10 +626,11 @@ enum UpstreamRead {
 async fn read_upstream(
     up: &mut TcpStream,
     buf: &mut BytesMut,
+    space: usize,
     timer: &mut std::pin::Pin<Box<Sleep>>,
     deadline: Instant,
 ) -> Result<usize, UpstreamRead> {
-    buf.reserve(READ_SPACE);
+    buf.reserve(space);
     loop {
         tokio::select! {
             biased;
