@@ -40,7 +40,8 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
     /// Time from sending a request to an instance until its response head arrives (streaming
-    /// the request body counts too); past it the client gets 504.
+    /// the request body counts too); past it the client gets 504. Also the longest pause
+    /// allowed within a response body; past it the answer is cut off.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
     /// Time a client gets to send its request head.

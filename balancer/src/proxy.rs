@@ -28,7 +28,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::service::ServiceState;
-use crate::upstream::{Backend, PooledBody, UpBody};
+use crate::upstream::{Backend, BodyError, PooledBody, UpBody};
 use crate::App;
 
 /// Body of a response to a client: streamed from an instance, or a short local answer.
@@ -39,12 +39,12 @@ pub enum ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Local(b) => Pin::new(b)
@@ -357,7 +357,12 @@ async fn forward(
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());
                 strip_hop_by_hop(&mut rparts.headers);
-                let body = PooledBody::new(rbody, conn.sender, Arc::clone(backend));
+                let body = PooledBody::new(
+                    rbody,
+                    conn.sender,
+                    Arc::clone(backend),
+                    app.config.upstream_timeout,
+                );
                 return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));
             }
             Ok(Err(mut e)) => {

@@ -6,6 +6,7 @@
 //! next instance with its body intact; a failure after sending may not be retried blindly.
 //! hyper-util's client hides that boundary and consumes the body either way.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -337,19 +338,44 @@ impl Backend {
     }
 }
 
+/// Errors of a response body on its way to the client.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The instance sent nothing more of a response body for the whole idle limit.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the instance sent no more of the body for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 /// An instance's response body on its way to the client. When it has been read to the end,
 /// the connection goes back to the instance's pool; if the client goes away first, the
 /// connection is dropped (closed), since the rest of the response is still on the wire.
+/// An instance that stalls mid-body for `idle` ends the body with [`BodyStalled`], so that
+/// neither the client nor the connection waits forever.
 pub struct PooledBody {
     inner: Incoming,
     conn: Option<(Sender, Arc<Backend>)>,
+    idle: Duration,
+    /// When the last frame arrived.
+    last: tokio::time::Instant,
+    /// Made at the first wait only, and re-armed lazily (as in `fast`).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl PooledBody {
-    pub fn new(inner: Incoming, sender: Sender, backend: Arc<Backend>) -> Self {
+    pub fn new(inner: Incoming, sender: Sender, backend: Arc<Backend>, idle: Duration) -> Self {
         let mut body = Self {
             inner,
             conn: Some((sender, backend)),
+            idle,
+            last: tokio::time::Instant::now(),
+            timer: None,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -362,25 +388,51 @@ impl PooledBody {
             backend.checkin(sender);
         }
     }
+
+    /// Whether the idle limit ran out while waiting (registers the wake-up if not).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            timer.as_mut().reset(deadline);
+        }
+    }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
+            Poll::Pending => {
+                if this.stalled(cx) {
+                    // The rest of the response may still come: the connection is not reusable.
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle)))));
+                }
+                return Poll::Pending;
+            }
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
             Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {}
         }
-        polled
+        this.last = tokio::time::Instant::now();
+        polled.map(|f| f.map(|r| r.map_err(BodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1071,3 +1071,51 @@ async fn gzip_chunked_response_passes_unchanged() {
     assert_eq!(up.connections(), 1);
     lb.stop().await;
 }
+
+/// An instance that stops in the middle of a response body: on both paths (the fast path for
+/// HTTP/1.1, hyper's for an HTTP/1.0 client it is handed) the client gets the head and the
+/// bytes sent so far, then the connection closes once the body has been silent for
+/// `upstream_timeout`, instead of hanging; the balancer keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_off_on_both_paths() {
+    let up = RawUpstream::start(|req| {
+        if req.path == "/stall" {
+            vec![
+                Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst ten.".to_vec()),
+                Step::Sleep(DEADLINE * 4),
+            ]
+        } else {
+            vec![Step::Write(ok_with("fine"))]
+        }
+    })
+    .await;
+    let mut cfg = config(&["web"]);
+    cfg.upstream_timeout = Duration::from_millis(500);
+    let lb = Balancer::with_static(cfg, vec![("web", vec![instance("raw", "web", up.addr)])]).await;
+
+    for request in [
+        get_req("/stall"),
+        b"GET /stall HTTP/1.0\r\nHost: lb.test\r\n\r\n".to_vec(),
+    ] {
+        let mut c = RawClient::connect(lb.addr).await;
+        c.send(&request).await;
+        // Everything up to the stall arrives, then the connection ends (within DEADLINE:
+        // `fill` panics past it).
+        while c.fill().await {}
+        let got = String::from_utf8_lossy(&c.buf).into_owned();
+        assert!(got.starts_with("HTTP/1."), "{got:?}");
+        assert!(got.contains(" 200 "), "{got:?}");
+        assert!(
+            got.ends_with("first ten."),
+            "the bytes before the stall: {got:?}"
+        );
+    }
+    let status = lb.status().await;
+    assert_eq!(status["http1_handoffs"], 1, "{status}");
+
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.text(), "fine");
+    lb.stop().await;
+}
