@@ -22,9 +22,10 @@ use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::chunked::ChunkedEnd;
+use crate::deadline::LazyTimer;
 use crate::proxy::{is_idempotent_method, Peer, ProxyError};
 use crate::service::{Backends, ServiceState};
 use crate::upstream::Backend;
@@ -62,10 +63,8 @@ pub async fn serve(
 ) -> (TcpStream, Outcome) {
     let now = Instant::now();
     let mut c = Conn {
-        client_timer: Box::pin(tokio::time::sleep_until(
-            now + app.config.header_read_timeout,
-        )),
-        upstream_timer: Box::pin(tokio::time::sleep_until(now + app.config.upstream_timeout)),
+        client_timer: LazyTimer::new(now + app.config.header_read_timeout),
+        upstream_timer: LazyTimer::new(now + app.config.upstream_timeout),
         app,
         stream,
         peer,
@@ -142,10 +141,9 @@ struct Conn {
     resp_out: Vec<u8>,
     /// Instances tried for the current request.
     tried: Vec<usize>,
-    /// Re-armed lazily: a deadline is a plain `Instant`, and the timer is reset only when it
-    /// fires before the deadline, so a request costs no timer-wheel update.
-    client_timer: std::pin::Pin<Box<Sleep>>,
-    upstream_timer: std::pin::Pin<Box<Sleep>>,
+    /// Deadlines for reading from the client, and for the instance.
+    client_timer: LazyTimer,
+    upstream_timer: LazyTimer,
 }
 
 /// A failed read.
@@ -218,21 +216,14 @@ impl Conn {
     async fn read_client(&mut self, deadline: Instant) -> Result<(), ReadError> {
         self.rbuf.reserve(CLIENT_READ_SPACE);
         let idle = self.rbuf.is_empty();
-        loop {
-            tokio::select! {
-                biased;
-                r = self.stream.read_buf(&mut self.rbuf) => return match r {
-                    Ok(0) | Err(_) => Err(ReadError::Closed),
-                    Ok(_) => Ok(()),
-                },
-                () = self.client_timer.as_mut() => {
-                    if Instant::now() >= deadline {
-                        return Err(ReadError::Timeout);
-                    }
-                    self.client_timer.as_mut().reset(deadline);
-                }
-                _ = self.stop.changed(), if idle => return Err(ReadError::Stopped),
-            }
+        tokio::select! {
+            biased;
+            r = self.stream.read_buf(&mut self.rbuf) => match r {
+                Ok(0) | Err(_) => Err(ReadError::Closed),
+                Ok(_) => Ok(()),
+            },
+            () = self.client_timer.expired(deadline) => Err(ReadError::Timeout),
+            _ = self.stop.changed(), if idle => Err(ReadError::Stopped),
         }
     }
 
@@ -398,13 +389,7 @@ impl Conn {
             let r = tokio::select! {
                 biased;
                 r = up.write(&self.req_out[written..]) => r,
-                () = self.upstream_timer.as_mut() => {
-                    if Instant::now() >= deadline {
-                        return Err(Failure::Timeout);
-                    }
-                    self.upstream_timer.as_mut().reset(deadline);
-                    continue;
-                }
+                () = self.upstream_timer.expired(deadline) => return Err(Failure::Timeout),
             };
             match r {
                 Ok(0) if written == 0 => {
@@ -622,26 +607,19 @@ enum UpstreamRead {
     Timeout,
 }
 
-/// Reads from an instance into `buf` until `deadline` (see `Conn::client_timer`).
+/// Reads from an instance into `buf` until `deadline`.
 async fn read_upstream(
     up: &mut TcpStream,
     buf: &mut BytesMut,
     space: usize,
-    timer: &mut std::pin::Pin<Box<Sleep>>,
+    timer: &mut LazyTimer,
     deadline: Instant,
 ) -> Result<usize, UpstreamRead> {
     buf.reserve(space);
-    loop {
-        tokio::select! {
-            biased;
-            r = up.read_buf(buf) => return r.map_err(UpstreamRead::Io),
-            () = timer.as_mut() => {
-                if Instant::now() >= deadline {
-                    return Err(UpstreamRead::Timeout);
-                }
-                timer.as_mut().reset(deadline);
-            }
-        }
+    tokio::select! {
+        biased;
+        r = up.read_buf(buf) => r.map_err(UpstreamRead::Io),
+        () = timer.expired(deadline) => Err(UpstreamRead::Timeout),
     }
 }
 

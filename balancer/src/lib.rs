@@ -21,6 +21,7 @@ pub mod admin;
 pub mod chunked;
 pub mod cli;
 pub mod config;
+mod deadline;
 pub mod fast;
 pub mod metrics;
 mod prefixed;

@@ -6,7 +6,6 @@
 //! next instance with its body intact; a failure after sending may not be retried blindly.
 //! hyper-util's client hides that boundary and consumes the body either way.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use discovery::Instance;
+
+use crate::deadline::LazyTimer;
 
 /// First cool-off after a failed connect; doubles per consecutive failure.
 const EJECT_BASE: Duration = Duration::from_secs(1);
@@ -364,8 +365,8 @@ pub struct PooledBody {
     idle: Duration,
     /// When the last frame arrived.
     last: tokio::time::Instant,
-    /// Made at the first wait only, and re-armed lazily (as in `fast`).
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Made at the first wait only.
+    timer: Option<LazyTimer>,
 }
 
 impl PooledBody {
@@ -392,18 +393,10 @@ impl PooledBody {
     /// Whether the idle limit ran out while waiting (registers the wake-up if not).
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
         let deadline = self.last + self.idle;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        loop {
-            if timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return true;
-            }
-            timer.as_mut().reset(deadline);
-        }
+        self.timer
+            .get_or_insert_with(|| LazyTimer::new(deadline))
+            .poll_expired(deadline, cx)
+            .is_ready()
     }
 }
 
