@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::chunked::ChunkedEnd;
 use crate::deadline::LazyTimer;
-use crate::proxy::{is_idempotent_method, Peer, ProxyError};
+use crate::proxy::{is_idempotent_method, Attempts, Peer, ProxyError};
 use crate::service::{Backends, ServiceState};
 use crate::upstream::Backend;
 use crate::{App, Config};
@@ -241,8 +241,21 @@ impl Conn {
                 service: service.name.clone(),
             })
         } else {
-            self.exchange(&app.config, service, &backends, req, close, started)
-                .await
+            // The buffer of tried instances is lent out for the attempts and put back after.
+            let mut tried = std::mem::take(&mut self.tried);
+            let exchanged = self
+                .exchange(
+                    &app.config,
+                    service,
+                    &backends,
+                    req,
+                    close,
+                    started,
+                    &mut tried,
+                )
+                .await;
+            self.tried = tried;
+            exchanged
         };
         service.metrics.latency.observe(started.elapsed());
         let (up, backend, resp) = match exchanged {
@@ -256,7 +269,8 @@ impl Conn {
     }
 
     /// Sends the request to an instance and reads its response head, trying the next
-    /// instance (or a fresh connection) where the rules allow.
+    /// instance (or a fresh connection) where the rules allow. `tried` is a reused buffer.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         cfg: &Config,
@@ -265,30 +279,13 @@ impl Conn {
         req: &Request,
         close: bool,
         started: Instant,
+        tried: &mut Vec<usize>,
     ) -> Result<(TcpStream, Arc<Backend>, Response), ProxyError> {
-        self.tried.clear();
-        let mut retries_left = cfg.retries;
+        let mut attempts = Attempts::new(backends, cfg.retries, tried);
         let mut last_error: Option<String> = None;
-        let mut fresh_next = false;
-        let mut current: Option<usize> = None;
-        let max_attempts = backends.list.len() + cfg.retries as usize + 1;
-        for attempt in 0..max_attempts {
-            let i = match current.take() {
-                Some(i) => i,
-                None => match service.pick(backends, &self.tried) {
-                    Some(i) => {
-                        self.tried.push(i);
-                        i
-                    }
-                    None => break,
-                },
-            };
-            if attempt > 0 {
-                service.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            let backend = &backends.list[i];
-            let connected = if fresh_next {
-                fresh_next = false;
+        while let Some(attempt) = attempts.next(service, backends) {
+            let backend = &backends.list[attempt.index];
+            let connected = if attempt.fresh {
                 backend
                     .connect_raw(cfg.connect_timeout)
                     .await
@@ -312,7 +309,7 @@ impl Conn {
                 backend.record_connect_success();
             }
             // The first attempt starts with the request; saves reading the clock again.
-            let deadline = if attempt == 0 {
+            let deadline = if attempt.first {
                 started
             } else {
                 Instant::now()
@@ -328,42 +325,27 @@ impl Conn {
                 Err(f) => f,
             };
             backend.failures.fetch_add(1, Ordering::Relaxed);
-            let (cause, unsent) = match failure {
+            let cause = match failure {
                 Failure::Timeout => {
                     return Err(ProxyError::Timeout {
                         service: service.name.clone(),
                         instance: backend.instance.id.clone(),
                     })
                 }
-                Failure::Unsent(e) => (e.to_string(), true),
-                Failure::Sent(cause) => (cause, false),
+                Failure::Unsent(e) => {
+                    last_error = Some(format!("{}: {e}", backend.authority));
+                    attempts.unsent(backend, &attempt, reused);
+                    continue;
+                }
                 Failure::Malformed(cause) => {
                     // The instance answered, but not in HTTP: no retry, like any answer.
                     last_error = Some(format!("{}: {cause}", backend.authority));
                     break;
                 }
+                Failure::Sent(cause) => cause,
             };
             last_error = Some(format!("{}: {cause}", backend.authority));
-            if unsent {
-                // Nothing left: same instance on a new connection if this one came from the
-                // pool (it went stale while idle), else the next instance.
-                if reused {
-                    backend.clear_pool();
-                    fresh_next = true;
-                    current = Some(i);
-                }
-                continue;
-            }
-            // It may have reached the instance.
-            if req.replayable && retries_left > 0 {
-                retries_left -= 1;
-                if reused {
-                    // Most likely a keep-alive connection the instance closed as we wrote:
-                    // give the same instance one fresh try.
-                    backend.clear_pool();
-                    fresh_next = true;
-                    current = Some(i);
-                }
+            if attempts.may_resend(req.replayable, backend, &attempt, reused) {
                 tracing::debug!(service = %service.name, instance = %backend.instance.id, %cause, "retrying an idempotent request");
                 continue;
             }

@@ -27,7 +27,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::service::ServiceState;
+use crate::service::{Backends, ServiceState};
 use crate::upstream::{Backend, BodyError, PooledBody, UpBody};
 use crate::App;
 
@@ -276,6 +276,96 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     }
 }
 
+/// One attempt at a request: the instance (an index into the snapshot) and whether it must
+/// go over a new connection rather than a pooled one.
+pub(crate) struct Attempt {
+    pub index: usize,
+    pub fresh: bool,
+    pub first: bool,
+}
+
+/// Which instance each attempt at a request goes to, under the rules in the module docs:
+/// each instance once, a stale pooled connection replaced by a fresh one to the same
+/// instance, and requests that may have reached an instance retried only when replayable and
+/// within `--retries`. Shared by this path and the fast path.
+pub(crate) struct Attempts<'a> {
+    /// Instances already picked (the caller's buffer, cleared here).
+    tried: &'a mut Vec<usize>,
+    retries_left: u32,
+    /// Attempts left: each instance once plus the retries; the bound also covers
+    /// fresh-connection attempts on the same instance.
+    left: usize,
+    made: usize,
+    /// Set when the next attempt repeats this instance on a fresh connection.
+    again: Option<usize>,
+}
+
+impl<'a> Attempts<'a> {
+    pub(crate) fn new(backends: &Backends, retries: u32, tried: &'a mut Vec<usize>) -> Self {
+        tried.clear();
+        Self {
+            tried,
+            retries_left: retries,
+            left: backends.list.len() + retries as usize + 1,
+            made: 0,
+            again: None,
+        }
+    }
+
+    /// The next attempt, or `None` when the rules allow no more.
+    pub(crate) fn next(&mut self, service: &ServiceState, backends: &Backends) -> Option<Attempt> {
+        if self.left == 0 {
+            return None;
+        }
+        let (index, fresh) = match self.again.take() {
+            Some(i) => (i, true),
+            None => {
+                let i = service.pick(backends, self.tried)?;
+                self.tried.push(i);
+                (i, false)
+            }
+        };
+        self.left -= 1;
+        self.made += 1;
+        if self.made > 1 {
+            service.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Attempt {
+            index,
+            fresh,
+            first: self.made == 1,
+        })
+    }
+
+    /// Nothing of the request left. A pooled connection (`reused`) most likely went stale
+    /// while idle: the next attempt is the same instance on a fresh connection; otherwise the
+    /// next instance.
+    pub(crate) fn unsent(&mut self, backend: &Backend, attempt: &Attempt, reused: bool) {
+        if reused {
+            backend.clear_pool();
+            self.again = Some(attempt.index);
+        }
+    }
+
+    /// The request may have reached the instance and no answer came: whether it may be sent
+    /// again (replayable, and within the retry budget). A pooled connection is most likely one
+    /// the instance closed as we wrote, so the retry is the same instance on a fresh one.
+    pub(crate) fn may_resend(
+        &mut self,
+        replayable: bool,
+        backend: &Backend,
+        attempt: &Attempt,
+        reused: bool,
+    ) -> bool {
+        if !replayable || self.retries_left == 0 {
+            return false;
+        }
+        self.retries_left -= 1;
+        self.unsent(backend, attempt, reused);
+        true
+    }
+}
+
 async fn forward(
     app: &App,
     service: &ServiceState,
@@ -299,35 +389,14 @@ async fn forward(
     } else {
         UpBody::Incoming(body)
     });
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
-    let mut retries_left = app.config.retries;
+    let mut tried = Vec::with_capacity(2);
+    let mut attempts = Attempts::new(&backends, app.config.retries, &mut tried);
     let mut last_error: Option<String> = None;
-    let mut fresh_next = false;
-    let mut attempts = 0usize;
-    // Each instance once, plus the bounded retries; the bound also covers fresh-connection
-    // retries on the same instance.
-    let max_attempts = backends.list.len() + app.config.retries as usize + 1;
-    let mut current: Option<usize> = None;
 
-    while attempts < max_attempts {
-        attempts += 1;
-        let i = match current.take() {
-            Some(i) => i,
-            None => match service.pick(&backends, &tried) {
-                Some(i) => {
-                    tried.push(i);
-                    i
-                }
-                None => break,
-            },
-        };
-        if attempts > 1 {
-            service.metrics.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        let backend: &Arc<Backend> = &backends.list[i];
+    while let Some(attempt) = attempts.next(service, &backends) {
+        let backend: &Arc<Backend> = &backends.list[attempt.index];
         let Some(b) = body.take() else { break };
-        let conn = if fresh_next {
-            fresh_next = false;
+        let conn = if attempt.fresh {
             backend.connect_fresh(app.config.connect_timeout).await
         } else {
             backend.checkout(app.config.connect_timeout).await
@@ -376,27 +445,13 @@ async fn forward(
                 backend.failures.fetch_add(1, Ordering::Relaxed);
                 last_error = Some(format!("{}: {}", backend.authority, e.error()));
                 if let Some(unsent) = e.take_message() {
-                    // hyper handed the request back: it never left. Same instance on a new
-                    // connection if this one came from the pool (it went stale while idle).
+                    // hyper handed the request back: it never left.
                     body = Some(unsent.into_body());
-                    if conn.reused {
-                        backend.clear_pool();
-                        fresh_next = true;
-                        current = Some(i);
-                    }
+                    attempts.unsent(backend, &attempt, conn.reused);
                     continue;
                 }
-                // It may have reached the instance.
-                if replayable && retries_left > 0 {
-                    retries_left -= 1;
+                if attempts.may_resend(replayable, backend, &attempt, conn.reused) {
                     body = Some(UpBody::Empty);
-                    if conn.reused {
-                        // Most likely a keep-alive connection the instance closed as we
-                        // wrote: give the same instance one fresh try.
-                        backend.clear_pool();
-                        fresh_next = true;
-                        current = Some(i);
-                    }
                     tracing::debug!(service = %service.name, instance = %backend.instance.id, error = %e.error(), "retrying an idempotent request");
                     continue;
                 }
