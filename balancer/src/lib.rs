@@ -207,14 +207,20 @@ pub async fn run(
     while let Some((permit, stream, peer)) =
         discovery::serve::accept(&listener, &permits, &mut shutdown).await
     {
-        let app_c = Arc::clone(&app);
-        let fast_peer = proxy::Peer::new(peer);
-        let client = Arc::new(fast_peer.clone());
-        let svc = hyper::service::service_fn(move |req| {
-            let app = Arc::clone(&app_c);
-            let client = Arc::clone(&client);
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await) }
-        });
+        // The hyper service, made only for connections the fast path does not serve.
+        let hyper_service = {
+            let app = Arc::clone(&app);
+            move || {
+                let client = Arc::new(proxy::Peer::new(peer));
+                hyper::service::service_fn(move |req| {
+                    let app = Arc::clone(&app);
+                    let client = Arc::clone(&client);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await)
+                    }
+                })
+            }
+        };
         let builders = Arc::clone(&builders);
         let watcher = graceful.watcher();
         let header_read_timeout = app.config.header_read_timeout;
@@ -224,17 +230,20 @@ pub async fn run(
         tokio::spawn(async move {
             let served = match detect_protocol(&stream, header_read_timeout).await {
                 Some(Protocol::Http1) => {
+                    let fast_peer = proxy::Peer::new(peer);
                     match fast::serve(Arc::clone(&app_c), stream, fast_peer, stop).await {
                         (_, fast::Outcome::Closed) => Ok(()),
                         (stream, fast::Outcome::Handoff(read)) => {
                             app_c.handoffs.fetch_add(1, Ordering::Relaxed);
                             let io = TokioIo::new(prefixed::Prefixed::new(read, stream));
+                            let svc = hyper_service();
                             watcher.watch(builders.0.serve_connection(io, svc)).await
                         }
                     }
                 }
                 Some(Protocol::Http2) => {
                     let io = TokioIo::new(stream);
+                    let svc = hyper_service();
                     watcher.watch(builders.1.serve_connection(io, svc)).await
                 }
                 None => {
