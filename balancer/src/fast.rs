@@ -1,40 +1,50 @@
-//! The HTTP/1 fast path: one task per client connection that parses each request head
-//! itself, writes it to a pooled upstream socket and copies the answer back, with no
-//! channel, extra task or header map between the two sockets.
+//! The HTTP/1 fast path: one event loop on its own thread, driving every client connection
+//! and every upstream socket as a small state machine over mio (epoll).
 //!
 //! It serves what nearly all traffic is: HTTP/1.1 requests in origin form whose body is
 //! absent or small (up to [`MAX_BUFFERED_BODY`], read whole before forwarding, so that a
-//! request may go to another instance with its body intact). Anything else (HTTP/1.0,
-//! `Expect`, upgrades, chunked or large uploads, `CONNECT`, absolute-form targets) hands
-//! the connection, with the bytes read so far, to the hyper path in `run`, which serves it
-//! from then on. The rules are those of [`crate::proxy`]: the same error mapping, retry
-//! policy, ejection, forwarding headers and counters.
+//! request may go to another instance with its body intact). Anything else (HTTP/2,
+//! HTTP/1.0, `Expect`, upgrades, chunked or large uploads, `CONNECT`, absolute-form targets)
+//! is handed, with the bytes read so far, to the hyper path in `run`, which serves that
+//! connection from then on. The rules are those of [`crate::proxy`]: the same error mapping,
+//! retry policy ([`Attempts`]), ejection, forwarding headers and counters.
 //!
 //! Response bodies of any size stream through; their framing (length, chunked, until
 //! close) is tracked only to know where each response ends.
+//!
+//! Why not tokio tasks: on loopback three quarters of a request's CPU is the kernel's, the
+//! same for any proxy, so the margin over nginx is all in user space. With a task per
+//! connection, waking and polling (wakers, readiness bookkeeping, task state) cost about as
+//! much as the proxying itself; here an event is a slab lookup and a direct call. The clock
+//! is read once per batch of events, and deadlines move without touching the timer heap
+//! (see [`Timers`]).
 
-use std::mem::MaybeUninit;
-use std::sync::atomic::Ordering;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::chunked::ChunkedEnd;
-use crate::deadline::LazyTimer;
-use crate::proxy::{is_idempotent_method, Attempts, Peer, ProxyError};
+pub use crate::http1::MAX_BUFFERED_BODY;
+use crate::http1::{
+    encode_local, parse_request, parse_response, BodyEnd, Framing, Parsed, ParsedResponse, Request,
+};
+use crate::proxy::{Attempt, Attempts, Peer, ProxyError};
 use crate::service::{Backends, ServiceState};
-use crate::upstream::Backend;
-use crate::{App, Config};
+use crate::upstream::{Backend, MAX_IDLE_PER_INSTANCE};
+use crate::App;
 
-/// Most header lines in a request or response head.
-const MAX_HEADERS: usize = 100;
-/// Largest request body the fast path buffers; larger ones go to the hyper path.
-pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+const LISTENER: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
 /// Buffer space offered to each read of a client's requests (a head grows the buffer further
 /// if it needs to). Small, since an idle keep-alive connection keeps its buffers.
 const CLIENT_READ_SPACE: usize = 4 * 1024;
@@ -42,541 +52,207 @@ const CLIENT_READ_SPACE: usize = 4 * 1024;
 /// it, up to [`MAX_READ_SPACE`].
 const UPSTREAM_READ_SPACE: usize = 8 * 1024;
 const MAX_READ_SPACE: usize = 64 * 1024;
-/// Most names a `Connection` header may list before the request goes to the hyper path.
-const MAX_CONNECTION_NAMES: usize = 8;
+/// How often a paused accept loop (connection cap reached, or accept failing) tries again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How a connection left the fast path.
-pub enum Outcome {
-    /// Served until the client closed, an error, or shutdown.
-    Closed,
-    /// A request the fast path does not serve: the hyper path takes over the connection,
-    /// starting with these bytes (read but not served).
-    Handoff(BytesMut),
+/// A connection the fast path passes to the hyper path.
+pub struct Handoff {
+    pub stream: std::net::TcpStream,
+    /// Bytes read from the client and not served; the hyper path starts with them.
+    pub read: BytesMut,
+    pub peer: SocketAddr,
+    /// The connection-cap slot, held until the connection ends.
+    pub permit: OwnedSemaphorePermit,
+    /// The client sent the HTTP/2 preface.
+    pub http2: bool,
 }
 
-/// Serves HTTP/1 requests on `stream` until the connection ends or must be handed off.
-pub async fn serve(
-    app: Arc<App>,
+#[derive(Default)]
+struct Signals {
+    stop: AtomicBool,
+    abort: AtomicBool,
+}
+
+/// The fast path's thread, as `run` sees it.
+pub struct FastPath {
+    waker: Arc<Waker>,
+    signals: Arc<Signals>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FastPath {
+    /// Starts serving `listener` on a new thread. Connections it does not serve go to
+    /// `handoffs`; each connection holds one of `permits` while open.
+    pub fn start(
+        app: Arc<App>,
+        listener: std::net::TcpListener,
+        permits: Arc<Semaphore>,
+        handoffs: mpsc::UnboundedSender<Handoff>,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let signals = Arc::new(Signals::default());
+        let now = Instant::now();
+        let mut engine = Engine {
+            app,
+            poll,
+            listener: Some(listener),
+            permits,
+            handoffs,
+            signals: Arc::clone(&signals),
+            slots: Slab::new(),
+            pool: HashMap::new(),
+            timers: Timers::default(),
+            next_gen: 0,
+            clients: 0,
+            accept_paused: false,
+            stopping: false,
+            now,
+            out: Vec::with_capacity(1024),
+        };
+        let thread = std::thread::Builder::new()
+            .name("balancer-fast".into())
+            .spawn(move || engine.run())?;
+        Ok(Self {
+            waker,
+            signals,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting: idle connections close now, busy ones after their response.
+    pub fn stop(&self) {
+        self.signals.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Ends every connection at once and waits for the thread.
+    pub fn abort(mut self) {
+        self.signals.abort.store(true, Ordering::Release);
+        self.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            tracing::error!(error = %e, "cannot wake the fast path");
+        }
+    }
+}
+
+/// What a slab entry is. Client and upstream sockets share the slab, so a token names
+/// either.
+enum Slot {
+    Client(Box<Client>),
+    /// An upstream socket in use: the socket itself is in the client's [`Exchange`].
+    Busy {
+        client: usize,
+    },
+    /// An idle upstream socket in the pool.
+    Idle(Upstream),
+    /// A client taken out of the slab while it is being driven.
+    Driving,
+}
+
+/// An upstream socket.
+struct Upstream {
+    stream: TcpStream,
+    key: usize,
+    addr: SocketAddr,
+    gen: u64,
+    /// [`Backend::pool_epoch`] when it was pooled.
+    epoch: u64,
+    /// Pooled since (while idle).
+    since: Instant,
+    connected: bool,
+    readable: bool,
+    writable: bool,
+    /// Came from the pool (it may have gone stale while idle).
+    reused: bool,
+    /// The instance closed its side or the socket failed: not to be pooled.
+    eof: bool,
+    /// Bytes of the request written.
+    written: usize,
+    timer: TimerState,
+}
+
+/// A client connection.
+struct Client {
     stream: TcpStream,
     peer: Peer,
-    stop: watch::Receiver<bool>,
-) -> (TcpStream, Outcome) {
-    let now = Instant::now();
-    let mut c = Conn {
-        client_timer: LazyTimer::new(now + app.config.header_read_timeout),
-        upstream_timer: LazyTimer::new(now + app.config.upstream_timeout),
-        app,
-        stream,
-        peer,
-        stop,
-        rbuf: BytesMut::with_capacity(CLIENT_READ_SPACE),
-        ubuf: BytesMut::with_capacity(UPSTREAM_READ_SPACE),
-        req_out: Vec::with_capacity(1024),
-        resp_out: Vec::with_capacity(1024),
-        tried: Vec::with_capacity(4),
-    };
-    let outcome = c.run().await;
-    (c.stream, outcome)
-}
-
-/// What was learned from a request head (the head for the instance is in `req_out`).
-struct Request {
-    head_len: usize,
-    body_len: usize,
-    /// The client asked to close after this request.
-    close: bool,
-    is_head: bool,
-    /// Idempotent and bodiless: may be sent again after it may have reached an instance.
-    replayable: bool,
-    route: Option<usize>,
-}
-
-enum Parsed {
-    Request(Request),
-    Partial,
-    Handoff,
-    /// Answer with this status and close.
-    Reject(StatusCode),
-}
-
-/// Where a response body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the instance closes the connection.
-    Close,
-}
-
-/// What was learned from a response head (the head for the client is in `resp_out`).
-struct Response {
-    head_len: usize,
-    status: u16,
-    framing: Framing,
-    /// The instance keeps the connection open after this response.
-    keep_alive: bool,
-}
-
-enum ParsedResponse {
-    Response(Response),
-    /// A 1xx answer of this length, to skip.
-    Informational(usize),
-    Partial,
-}
-
-/// The per-connection state; buffers are reused from request to request.
-struct Conn {
-    app: Arc<App>,
-    stream: TcpStream,
-    peer: Peer,
-    stop: watch::Receiver<bool>,
+    gen: u64,
+    _permit: OwnedSemaphorePermit,
+    readable: bool,
+    /// The client closed its side (or the socket failed): reads go on until they say so.
+    eof: bool,
+    /// No request yet: the first bytes may be the HTTP/2 preface.
+    first: bool,
     /// Bytes from the client not yet served.
-    rbuf: BytesMut,
+    rbuf: IoBuf,
     /// Bytes from the instance.
-    ubuf: BytesMut,
+    ubuf: IoBuf,
     /// The request as it goes to the instance: head, then body.
     req_out: Vec<u8>,
-    /// The response head as it goes to the client, then the first body bytes.
+    /// The response head as it goes to the client.
     resp_out: Vec<u8>,
-    /// Instances tried for the current request.
-    tried: Vec<usize>,
-    /// Deadlines for reading from the client, and for the instance.
-    client_timer: LazyTimer,
-    upstream_timer: LazyTimer,
+    out: Output,
+    state: State,
+    /// The request in flight.
+    exchange: Option<Exchange>,
+    attempts: Option<Attempts>,
+    deadline: Instant,
+    timer: TimerState,
 }
 
-/// A failed read.
-enum ReadError {
-    Closed,
-    Timeout,
-    /// Shutdown began while the connection was idle.
-    Stopped,
+enum State {
+    /// Waiting for a request head; idle when `rbuf` is empty.
+    Head,
+    /// The head is parsed; waiting for the rest of the body.
+    Body(Request),
+    /// At an instance: connecting, sending, or waiting for the response head.
+    Upstream,
+    /// Streaming the response body to the client.
+    Relay,
+    /// Writing out what is queued for the client; then the next request, or close.
+    Drain { close: bool },
 }
 
-impl Conn {
-    async fn run(&mut self) -> Outcome {
-        loop {
-            let deadline = Instant::now() + self.app.config.header_read_timeout;
-            let req = loop {
-                if !self.rbuf.is_empty() {
-                    match parse_request(&self.rbuf, &self.app, &self.peer, &mut self.req_out) {
-                        Parsed::Request(r) => break r,
-                        Parsed::Partial => {}
-                        Parsed::Handoff => {
-                            return Outcome::Handoff(std::mem::take(&mut self.rbuf));
-                        }
-                        Parsed::Reject(status) => {
-                            self.reject(status).await;
-                            return Outcome::Closed;
-                        }
-                    }
-                }
-                if self.rbuf.len() >= self.app.config.max_header_bytes {
-                    self.reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                        .await;
-                    return Outcome::Closed;
-                }
-                match self.read_client(deadline).await {
-                    Ok(()) => {}
-                    Err(ReadError::Timeout) if !self.rbuf.is_empty() => {
-                        tracing::debug!(peer = %self.peer.addr, "request head not complete within the header read timeout");
-                        return Outcome::Closed;
-                    }
-                    Err(_) => return Outcome::Closed,
-                }
-            };
-            let started = Instant::now();
-            let msg_len = req.head_len + req.body_len;
-            if self.rbuf.len() < msg_len {
-                self.rbuf.reserve(msg_len - self.rbuf.len());
-                let deadline = Instant::now() + self.app.config.header_read_timeout;
-                while self.rbuf.len() < msg_len {
-                    if self.read_client(deadline).await.is_err() {
-                        return Outcome::Closed;
-                    }
-                }
-            }
-            self.req_out
-                .extend_from_slice(&self.rbuf[req.head_len..msg_len]);
-            self.rbuf.advance(msg_len);
-            let close = req.close || *self.stop.borrow();
-            let keep = match self.proxy(&req, close, started).await {
-                Ok(keep) => keep && !close,
-                Err(()) => false,
-            };
-            if !keep {
-                let _ = self.stream.shutdown().await;
-                return Outcome::Closed;
-            }
-        }
-    }
-
-    /// Reads more client bytes into `rbuf`, until `deadline`.
-    async fn read_client(&mut self, deadline: Instant) -> Result<(), ReadError> {
-        self.rbuf.reserve(CLIENT_READ_SPACE);
-        let idle = self.rbuf.is_empty();
-        tokio::select! {
-            biased;
-            r = self.stream.read_buf(&mut self.rbuf) => match r {
-                Ok(0) | Err(_) => Err(ReadError::Closed),
-                Ok(_) => Ok(()),
-            },
-            () = self.client_timer.expired(deadline) => Err(ReadError::Timeout),
-            _ = self.stop.changed(), if idle => Err(ReadError::Stopped),
-        }
-    }
-
-    /// Proxies one request. `Ok(true)`: the client connection may carry another request.
-    async fn proxy(&mut self, req: &Request, close: bool, started: Instant) -> Result<bool, ()> {
-        let app = Arc::clone(&self.app);
-        let Some(route) = req.route else {
-            app.no_route.fetch_add(1, Ordering::Relaxed);
-            return self.local(&ProxyError::NoRoute, req.is_head, close).await;
-        };
-        let service = &app.services[app.route_service[route]];
-        let backends = service.backends();
-        let exchanged = if backends.list.is_empty() {
-            Err(ProxyError::NoHealthyInstance {
-                service: service.name.clone(),
-            })
-        } else {
-            // The buffer of tried instances is lent out for the attempts and put back after.
-            let mut tried = std::mem::take(&mut self.tried);
-            let exchanged = self
-                .exchange(
-                    &app.config,
-                    service,
-                    &backends,
-                    req,
-                    close,
-                    started,
-                    &mut tried,
-                )
-                .await;
-            self.tried = tried;
-            exchanged
-        };
-        service.metrics.latency.observe(started.elapsed());
-        let (up, backend, resp) = match exchanged {
-            Ok(x) => x,
-            Err(e) => {
-                e.report(service);
-                return self.local(&e, req.is_head, close).await;
-            }
-        };
-        self.relay(up, &backend, resp, started).await
-    }
-
-    /// Sends the request to an instance and reads its response head, trying the next
-    /// instance (or a fresh connection) where the rules allow. `tried` is a reused buffer.
-    #[allow(clippy::too_many_arguments)]
-    async fn exchange(
-        &mut self,
-        cfg: &Config,
-        service: &ServiceState,
-        backends: &Backends,
-        req: &Request,
-        close: bool,
-        started: Instant,
-        tried: &mut Vec<usize>,
-    ) -> Result<(TcpStream, Arc<Backend>, Response), ProxyError> {
-        let mut attempts = Attempts::new(backends, cfg.retries, tried);
-        let mut last_error: Option<String> = None;
-        while let Some(attempt) = attempts.next(service, backends) {
-            let backend = &backends.list[attempt.index];
-            let connected = if attempt.fresh {
-                backend
-                    .connect_raw(cfg.connect_timeout)
-                    .await
-                    .map(|s| (s, false))
-            } else {
-                backend
-                    .checkout_raw(cfg.connect_timeout, started.into_std())
-                    .await
-            };
-            let (mut up, reused) = match connected {
-                Ok(c) => c,
-                Err(e) => {
-                    // Nothing was sent: the request is intact for the next instance.
-                    backend.record_connect_failure();
-                    tracing::warn!(service = %service.name, instance = %backend.instance.id, addr = %backend.authority, error = %e, "connect failed; instance ejected for a cool-off");
-                    last_error = Some(format!("{}: {e}", backend.authority));
-                    continue;
-                }
-            };
-            if !reused {
-                backend.record_connect_success();
-            }
-            // The first attempt starts with the request; saves reading the clock again.
-            let deadline = if attempt.first {
-                started
-            } else {
-                Instant::now()
-            } + cfg.upstream_timeout;
-            let failure = match self
-                .send_and_read_head(&mut up, deadline, req.is_head, close)
-                .await
-            {
-                Ok(resp) => {
-                    backend.record_status(resp.status);
-                    return Ok((up, Arc::clone(backend), resp));
-                }
-                Err(f) => f,
-            };
-            backend.failures.fetch_add(1, Ordering::Relaxed);
-            let cause = match failure {
-                Failure::Timeout => {
-                    return Err(ProxyError::Timeout {
-                        service: service.name.clone(),
-                        instance: backend.instance.id.clone(),
-                    })
-                }
-                Failure::Unsent(e) => {
-                    last_error = Some(format!("{}: {e}", backend.authority));
-                    attempts.unsent(backend, &attempt, reused);
-                    continue;
-                }
-                Failure::Malformed(cause) => {
-                    // The instance answered, but not in HTTP: no retry, like any answer.
-                    last_error = Some(format!("{}: {cause}", backend.authority));
-                    break;
-                }
-                Failure::Sent(cause) => cause,
-            };
-            last_error = Some(format!("{}: {cause}", backend.authority));
-            if attempts.may_resend(req.replayable, backend, &attempt, reused) {
-                tracing::debug!(service = %service.name, instance = %backend.instance.id, %cause, "retrying an idempotent request");
-                continue;
-            }
-            break;
-        }
-        Err(ProxyError::AllFailed {
-            service: service.name.clone(),
-            last: last_error,
-        })
-    }
-
-    /// Writes `req_out` to `up` and reads the response head into `ubuf` (the client's
-    /// version of it into `resp_out`).
-    async fn send_and_read_head(
-        &mut self,
-        up: &mut TcpStream,
-        deadline: Instant,
-        is_head: bool,
-        close: bool,
-    ) -> Result<Response, Failure> {
-        let mut written = 0;
-        while written < self.req_out.len() {
-            let r = tokio::select! {
-                biased;
-                r = up.write(&self.req_out[written..]) => r,
-                () = self.upstream_timer.expired(deadline) => return Err(Failure::Timeout),
-            };
-            match r {
-                Ok(0) if written == 0 => {
-                    return Err(Failure::Unsent(std::io::ErrorKind::WriteZero.into()))
-                }
-                Ok(0) => return Err(Failure::Sent("the connection closed while sending".into())),
-                Ok(n) => written += n,
-                Err(e) if written == 0 => return Err(Failure::Unsent(e)),
-                Err(e) => return Err(Failure::Sent(e.to_string())),
-            }
-        }
-        self.ubuf.clear();
-        loop {
-            if !self.ubuf.is_empty() {
-                match parse_response(&self.ubuf, is_head, close, &mut self.resp_out) {
-                    Ok(ParsedResponse::Response(r)) => return Ok(r),
-                    Ok(ParsedResponse::Informational(n)) => {
-                        self.ubuf.advance(n);
-                        continue;
-                    }
-                    Ok(ParsedResponse::Partial) => {}
-                    Err(cause) => return Err(Failure::Malformed(cause.into())),
-                }
-                if self.ubuf.len() >= self.app.config.max_header_bytes {
-                    return Err(Failure::Malformed("response head too large".into()));
-                }
-            }
-            let read = read_upstream(
-                up,
-                &mut self.ubuf,
-                UPSTREAM_READ_SPACE,
-                &mut self.upstream_timer,
-                deadline,
-            );
-            match read.await {
-                Ok(0) if self.ubuf.is_empty() => {
-                    return Err(Failure::Sent(
-                        "the connection closed before an answer".into(),
-                    ))
-                }
-                Ok(0) => return Err(Failure::Malformed("the connection closed mid-head".into())),
-                Ok(_) => {}
-                Err(UpstreamRead::Timeout) => return Err(Failure::Timeout),
-                Err(UpstreamRead::Io(e)) if self.ubuf.is_empty() => {
-                    return Err(Failure::Sent(e.to_string()))
-                }
-                Err(UpstreamRead::Io(e)) => return Err(Failure::Malformed(e.to_string())),
-            }
-        }
-    }
-
-    /// Streams the response (head already in `resp_out`) to the client. `Ok(true)` when the
-    /// client connection may carry another request.
-    async fn relay(
-        &mut self,
-        mut up: TcpStream,
-        backend: &Backend,
-        resp: Response,
-        started: Instant,
-    ) -> Result<bool, ()> {
-        self.ubuf.advance(resp.head_len);
-        let mut end = BodyEnd::new(resp.framing);
-        let mut reusable = resp.keep_alive;
-        let mut first = true;
-        let mut space = UPSTREAM_READ_SPACE;
-        loop {
-            let (take, complete, broken) = match end.feed(&self.ubuf) {
-                Ok((take, complete)) => (take, complete, false),
-                Err(e) => {
-                    tracing::debug!(instance = %backend.instance.id, error = %e, "bad response body framing");
-                    (self.ubuf.len(), false, true)
-                }
-            };
-            if complete && take < self.ubuf.len() {
-                // Bytes after the end of the response: the instance is out of step.
-                reusable = false;
-            }
-            // The head and the first body bytes go out in one write.
-            let written = if first {
-                first = false;
-                self.resp_out.extend_from_slice(&self.ubuf[..take]);
-                self.stream.write_all(&self.resp_out).await
-            } else if take > 0 {
-                self.stream.write_all(&self.ubuf[..take]).await
-            } else {
-                Ok(())
-            };
-            if complete {
-                // Read exactly to its end: the upstream socket is clean, whatever the client
-                // did with the answer.
-                if reusable {
-                    backend.checkin_raw(up, started.into_std());
-                }
-                return written.map(|()| true).map_err(|_| ());
-            }
-            if broken || written.is_err() {
-                return Err(());
-            }
-            self.ubuf.clear();
-            let deadline = Instant::now() + self.app.config.upstream_timeout;
-            let read = read_upstream(
-                &mut up,
-                &mut self.ubuf,
-                space,
-                &mut self.upstream_timer,
-                deadline,
-            );
-            match read.await {
-                // The end of a close-delimited body; the client was told to close.
-                Ok(0) if resp.framing == Framing::Close => return Ok(false),
-                Ok(0) | Err(_) => {
-                    // The instance stopped mid-body: the client can only see a cut answer.
-                    tracing::debug!(instance = %backend.instance.id, "response body cut off by the instance");
-                    return Err(());
-                }
-                Ok(n) if n >= space && space < MAX_READ_SPACE => space *= 2,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    /// Answers the request locally (404, 502, 503, 504). `Ok(true)`: keep the connection.
-    async fn local(&mut self, e: &ProxyError, is_head: bool, close: bool) -> Result<bool, ()> {
-        let (status, body) = e.status_and_body();
-        encode_local(&mut self.resp_out, status, &body, close, !is_head);
-        match self.stream.write_all(&self.resp_out).await {
-            Ok(()) => Ok(!close),
-            Err(_) => Err(()),
-        }
-    }
-
-    /// Answers a request that cannot be parsed or is too large, then closes.
-    async fn reject(&mut self, status: StatusCode) {
-        tracing::debug!(peer = %self.peer.addr, %status, "rejecting a client request");
-        encode_local(&mut self.resp_out, status, "", true, false);
-        let _ = self.stream.write_all(&self.resp_out).await;
-        let _ = self.stream.shutdown().await;
-    }
+/// A request in flight.
+struct Exchange {
+    service: Arc<ServiceState>,
+    backends: Arc<Backends>,
+    is_head: bool,
+    replayable: bool,
+    /// The client connection closes after this request.
+    close: bool,
+    started: Instant,
+    attempt: Option<Attempt>,
+    backend: Option<Arc<Backend>>,
+    up: Option<Upstream>,
+    last_error: Option<String>,
+    relay: Option<Relay>,
 }
 
-/// A whole answer from the balancer itself into `out`; `send_body` is false for `HEAD`.
-fn encode_local(out: &mut Vec<u8>, status: StatusCode, body: &str, close: bool, send_body: bool) {
-    out.clear();
-    write_status_line(
-        out,
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-    );
-    if !body.is_empty() {
-        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
-    }
-    out.extend_from_slice(b"content-length: ");
-    push_decimal(out, body.len() as u64);
-    out.extend_from_slice(b"\r\n");
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if send_body {
-        out.extend_from_slice(body.as_bytes());
-    }
+struct Relay {
+    end: BodyEnd,
+    framing: Framing,
+    /// The upstream socket may carry another request afterwards.
+    reusable: bool,
+    head_sent: bool,
+    space: usize,
 }
 
-/// Where a response body ends, tracked as its bytes pass.
-enum BodyEnd {
-    Empty,
-    /// Bytes left.
-    Length(u64),
-    Chunked(ChunkedEnd),
-    Close,
-}
-
-impl BodyEnd {
-    fn new(framing: Framing) -> Self {
-        match framing {
-            Framing::Empty => BodyEnd::Empty,
-            Framing::Length(n) => BodyEnd::Length(n),
-            Framing::Chunked => BodyEnd::Chunked(ChunkedEnd::default()),
-            Framing::Close => BodyEnd::Close,
-        }
-    }
-
-    /// Of `bytes`, the next ones from the instance: how many belong to the body, and
-    /// whether the body ended with them.
-    fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool), crate::chunked::Malformed> {
-        Ok(match self {
-            BodyEnd::Empty => (0, true),
-            BodyEnd::Length(left) => {
-                let take = (*left).min(bytes.len() as u64);
-                *left -= take;
-                (take as usize, *left == 0)
-            }
-            BodyEnd::Chunked(c) => match c.feed(bytes)? {
-                Some(end) => (end, true),
-                None => (bytes.len(), false),
-            },
-            BodyEnd::Close => (bytes.len(), false),
-        })
-    }
-}
-
-/// How an attempt at an instance failed.
+/// How an attempt at an instance failed (as in [`crate::proxy`]).
 enum Failure {
     /// Nothing of the request left: any request may go elsewhere.
-    Unsent(std::io::Error),
+    Unsent(String),
     /// The request may have reached the instance; no answer came.
     Sent(String),
     /// The instance answered something that is not an HTTP response.
@@ -584,361 +260,1145 @@ enum Failure {
     Timeout,
 }
 
-enum UpstreamRead {
-    Io(std::io::Error),
-    Timeout,
+/// What driving a client came to.
+enum Step {
+    /// Waiting for a socket event or a deadline.
+    Wait,
+    Close,
+    Handoff {
+        http2: bool,
+    },
 }
 
-/// Reads from an instance into `buf` until `deadline`.
-async fn read_upstream(
-    up: &mut TcpStream,
-    buf: &mut BytesMut,
-    space: usize,
-    timer: &mut LazyTimer,
-    deadline: Instant,
-) -> Result<usize, UpstreamRead> {
-    buf.reserve(space);
-    tokio::select! {
-        biased;
-        r = up.read_buf(buf) => r.map_err(UpstreamRead::Io),
-        () = timer.expired(deadline) => Err(UpstreamRead::Timeout),
-    }
-}
-
-fn eq(a: &[u8], b: &str) -> bool {
-    a.eq_ignore_ascii_case(b.as_bytes())
-}
-
-/// Comma-separated tokens of a header value, trimmed, empty ones skipped.
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
-/// Headers never forwarded as received, in either direction: hop-by-hop ones (RFC 9110
-/// §7.6.1), and the forwarding headers the balancer writes itself (requests only; the
-/// response side passes those through).
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    match name.len() {
-        2 => eq(name, "te"),
-        7 => eq(name, "trailer") || eq(name, "upgrade"),
-        10 => eq(name, "connection") || eq(name, "keep-alive"),
-        16 => eq(name, "proxy-connection"),
-        17 => eq(name, "transfer-encoding"),
-        18 => eq(name, "proxy-authenticate"),
-        19 => eq(name, "proxy-authorization"),
-        _ => false,
-    }
-}
-
-fn named_in(name: &[u8], names: &[&[u8]]) -> bool {
-    names.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// Parses a request head at the start of `buf`; on success the head to send upstream is in
-/// `out`.
-fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8>) -> Parsed {
-    // Uninitialised slots: httparse fills what it uses, and a request or response pays no
-    // 3 KiB clearing of a header array.
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => {
-            return Parsed::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+impl Client {
+    /// Reads more request bytes into `rbuf` if the socket has any. `None`: some came; else
+    /// what to do (wait for more, or close on end of stream or error).
+    fn read_more(&mut self, space: usize) -> Option<Step> {
+        if !self.readable {
+            return Some(Step::Wait);
         }
-        Err(_) => return Parsed::Reject(StatusCode::BAD_REQUEST),
-    };
-    if head_len > app.config.max_header_bytes {
-        return Parsed::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-    }
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::Handoff;
-    };
-    if method == "CONNECT" || !target.starts_with('/') {
-        return Parsed::Handoff;
-    }
-    let facts = HeadFacts::scan(req.headers);
-    // Invalid or conflicting lengths, chunked uploads, `Expect` and upgrades: hyper's.
-    if facts.bad_length
-        || facts.too_many_names
-        || facts.transfer_encoding
-        || facts.expect
-        || (facts.upgrade && facts.upgrade_header)
-    {
-        return Parsed::Handoff;
-    }
-    let length = facts.length;
-    let body_len = match length {
-        Some(l) if l > MAX_BUFFERED_BODY as u64 => return Parsed::Handoff,
-        Some(l) => l as usize,
-        None => 0,
-    };
-    let names = facts.names();
-
-    out.clear();
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut host: Option<&[u8]> = None;
-    let mut prior_xff = false;
-    for h in req.headers.iter() {
-        let n = h.name.as_bytes();
-        if is_hop_by_hop(n) || named_in(n, names) {
-            continue;
-        }
-        if n.len() > 11 && n[..11].eq_ignore_ascii_case(b"x-forwarded") {
-            if eq(n, "x-forwarded-for") {
-                prior_xff |= tokens(h.value).next().is_some();
-                continue;
+        match self.rbuf.read_from(&mut self.stream, space) {
+            Ok((0, _)) => Some(Step::Close),
+            Ok((_, drained)) => {
+                self.readable = !drained || self.eof;
+                None
             }
-            if eq(n, "x-forwarded-proto") || eq(n, "x-forwarded-host") {
-                continue;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                Some(Step::Wait)
+            }
+            Err(_) => Some(Step::Close),
+        }
+    }
+}
+
+/// A read buffer: `data[start..end]` is unread. `data` stays initialised, so reads need no
+/// unsafe code; it grows when a read needs room and is compacted before it grows.
+struct IoBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl IoBuf {
+    fn new() -> Self {
+        Self {
+            data: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// One read of at least `space` bytes of room. `Ok((n, drained))`: `drained` when the
+    /// read did not fill the room, so the kernel had nothing more (a new event comes with
+    /// new bytes).
+    fn read_from(&mut self, s: &mut TcpStream, space: usize) -> io::Result<(usize, bool)> {
+        if self.data.len() - self.end < space {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.data.len() - self.end < space {
+                self.data.resize(self.end + space, 0);
             }
         }
-        if host.is_none() && eq(n, "host") {
-            host = Some(h.value);
-        }
-        write_header(out, n, h.value);
-    }
-    // Earlier hops may have sent several X-Forwarded-For lines: one line, all in order.
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if prior_xff {
-        for h in req
-            .headers
-            .iter()
-            .filter(|h| eq(h.name.as_bytes(), "x-forwarded-for"))
-        {
-            for t in tokens(h.value) {
-                out.extend_from_slice(t);
-                out.extend_from_slice(b", ");
+        let room = self.data.len() - self.end;
+        loop {
+            match s.read(&mut self.data[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok((n, n < room));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
-    out.extend_from_slice(peer.ip_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    if let Some(host) = host {
-        write_header(out, b"x-forwarded-host", host);
-    }
-    out.extend_from_slice(b"\r\n");
-
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    Parsed::Request(Request {
-        head_len,
-        body_len,
-        close: facts.close,
-        is_head: method == "HEAD",
-        replayable: body_len == 0 && is_idempotent_method(method),
-        route: app.config.route_for(path),
-    })
 }
 
-/// Parses a response head at the start of `buf`; the head for the client goes to `out`.
-fn parse_response(
-    buf: &[u8],
-    is_head: bool,
-    close: bool,
-    out: &mut Vec<u8>,
-) -> Result<ParsedResponse, &'static str> {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut headers,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(ParsedResponse::Partial),
-        Err(_) => return Err("malformed response head"),
-    };
-    let (Some(version), Some(status)) = (resp.version, resp.code) else {
-        return Err("malformed response head");
-    };
-    if (100..200).contains(&status) {
-        // Never asked for (no `Expect`, no upgrade goes this way): skip, as hyper does.
-        if status == 101 {
-            return Err("unrequested protocol switch");
-        }
-        return Ok(ParsedResponse::Informational(head_len));
-    }
-    let facts = HeadFacts::scan(resp.headers);
-    if facts.bad_length {
-        return Err("invalid or conflicting content-length");
-    }
-    if facts.too_many_names {
-        return Err("too many connection options");
-    }
-    let mut keep_alive = if version == 1 {
-        !facts.close
-    } else {
-        facts.keep_alive && !facts.close
-    };
-    let (transfer_encoding, chunked, length) =
-        (facts.transfer_encoding, facts.chunked, facts.length);
-    let framing = if is_head || status == 204 || status == 304 {
-        Framing::Empty
-    } else if transfer_encoding {
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        }
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
-        }
-    };
-    if framing == Framing::Close {
-        keep_alive = false;
-    }
-    let names = facts.names();
-
-    out.clear();
-    write_status_line(out, status, resp.reason.unwrap_or(""));
-    for h in resp.headers.iter() {
-        let n = h.name.as_bytes();
-        // The body passes through unchanged, so its `Transfer-Encoding` does too; a length
-        // beside it is dropped (RFC 9112 §6.3).
-        let coding = eq(n, "transfer-encoding");
-        if (is_hop_by_hop(n) && !coding)
-            || named_in(n, names)
-            || (transfer_encoding && eq(n, "content-length"))
-        {
-            continue;
-        }
-        write_header(out, n, h.value);
-    }
-    if close || framing == Framing::Close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(ParsedResponse::Response(Response {
-        head_len,
-        status,
-        framing,
-        keep_alive,
-    }))
+/// The client's socket for writing, and what it has not taken yet.
+struct Output {
+    queued: Vec<u8>,
+    pos: usize,
+    writable: bool,
 }
 
-fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+impl Output {
+    fn pending(&self) -> bool {
+        self.pos < self.queued.len()
+    }
+
+    /// Writes `bytes` after anything queued; what the socket does not take is queued.
+    fn send(&mut self, s: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.pending() || !self.writable {
+            self.queued.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let n = write_some(s, bytes, &mut self.writable)?;
+        if n < bytes.len() {
+            self.queued.clear();
+            self.pos = 0;
+            self.queued.extend_from_slice(&bytes[n..]);
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued. `Ok(true)` when nothing is left.
+    fn flush(&mut self, s: &mut TcpStream) -> io::Result<bool> {
+        if !self.pending() {
+            return Ok(true);
+        }
+        if self.writable {
+            self.pos += write_some(s, &self.queued[self.pos..], &mut self.writable)?;
+        }
+        if self.pending() {
+            return Ok(false);
+        }
+        self.queued.clear();
+        self.pos = 0;
+        Ok(true)
+    }
 }
 
-/// What a head's headers say about the connection and the body's framing.
-struct HeadFacts<'a> {
-    /// `Connection: close`.
-    close: bool,
-    /// `Connection: keep-alive` (meaningful for HTTP/1.0).
-    keep_alive: bool,
-    /// `Connection: upgrade`.
-    upgrade: bool,
-    /// Other `Connection` options: names of headers that are hop-by-hop for this message.
-    names: [&'a [u8]; MAX_CONNECTION_NAMES],
-    named: usize,
-    too_many_names: bool,
-    length: Option<u64>,
-    /// A `Content-Length` that is not a number, or two that differ.
-    bad_length: bool,
-    transfer_encoding: bool,
-    /// Chunked is the last transfer coding (RFC 9112 §6.3).
-    chunked: bool,
-    upgrade_header: bool,
-    expect: bool,
+/// Writes as much of `bytes` as the socket takes; clears `writable` when it takes no more.
+fn write_some(s: &mut TcpStream, bytes: &[u8], writable: &mut bool) -> io::Result<usize> {
+    let mut n = 0;
+    while n < bytes.len() {
+        match s.write(&bytes[n..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => n += w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *writable = false;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
-impl<'a> HeadFacts<'a> {
-    fn scan(headers: &[httparse::Header<'a>]) -> Self {
-        let mut f = HeadFacts {
-            close: false,
-            keep_alive: false,
-            upgrade: false,
-            names: [b""; MAX_CONNECTION_NAMES],
-            named: 0,
-            too_many_names: false,
-            length: None,
-            bad_length: false,
-            transfer_encoding: false,
-            chunked: false,
-            upgrade_header: false,
-            expect: false,
-        };
-        for h in headers {
-            let n = h.name.as_bytes();
-            if eq(n, "connection") {
-                for t in tokens(h.value) {
-                    if eq(t, "close") {
-                        f.close = true;
-                    } else if eq(t, "keep-alive") {
-                        f.keep_alive = true;
-                    } else if eq(t, "upgrade") {
-                        f.upgrade = true;
-                    } else if f.named == MAX_CONNECTION_NAMES {
-                        f.too_many_names = true;
-                    } else {
-                        f.names[f.named] = t;
-                        f.named += 1;
+/// A socket's place in the timer heap: the earliest entry it has there, if any.
+#[derive(Default, Clone, Copy)]
+struct TimerState {
+    armed: Option<Instant>,
+}
+
+/// Deadlines of every socket in one heap, kept lazily: moving a deadline later (what every
+/// request does) changes nothing in the heap; when an entry comes due, its socket's current
+/// deadline decides whether it fires or goes back in for the later time.
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+}
+
+impl Timers {
+    /// Makes sure the socket at `key` (generation `gen`) is looked at by `deadline`.
+    fn arm(&mut self, t: &mut TimerState, deadline: Instant, key: usize, gen: u64) {
+        if t.armed.is_none_or(|a| a > deadline) {
+            t.armed = Some(deadline);
+            self.heap.push(Reverse((deadline, key, gen)));
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The next entry due by `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, usize, u64)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _, _))) if *at <= now => self.heap.pop().map(|Reverse(e)| e),
+            _ => None,
+        }
+    }
+}
+
+struct Engine {
+    app: Arc<App>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    permits: Arc<Semaphore>,
+    handoffs: mpsc::UnboundedSender<Handoff>,
+    signals: Arc<Signals>,
+    slots: Slab<Slot>,
+    /// Idle upstream sockets by address, most recently used last.
+    pool: HashMap<SocketAddr, Vec<usize>>,
+    timers: Timers,
+    next_gen: u64,
+    /// Client connections open here.
+    clients: usize,
+    /// Not accepting until a connection slot frees or an accept error passes.
+    accept_paused: bool,
+    stopping: bool,
+    /// The time at the start of the current batch of events.
+    now: Instant,
+    /// Scratch space for local answers.
+    out: Vec<u8>,
+}
+
+impl Engine {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "fast path: poll failed; closing its connections");
+                return;
+            }
+            self.now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {
+                        if self.signals.abort.load(Ordering::Acquire) {
+                            return;
+                        }
+                        if self.signals.stop.load(Ordering::Acquire) {
+                            self.begin_stop();
+                        }
+                    }
+                    Token(key) => {
+                        let closed = ev.is_read_closed() || ev.is_error();
+                        let readable = ev.is_readable() || closed;
+                        let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                        self.on_event(key, readable, writable, closed);
                     }
                 }
-            } else if eq(n, "content-length") {
-                match parse_decimal(h.value) {
-                    Some(v) if f.length.is_none_or(|l| l == v) => f.length = Some(v),
-                    _ => f.bad_length = true,
-                }
-            } else if eq(n, "transfer-encoding") {
-                f.transfer_encoding = true;
-                f.chunked = tokens(h.value).last().is_some_and(|t| eq(t, "chunked"));
-            } else if eq(n, "upgrade") {
-                f.upgrade_header = true;
-            } else if eq(n, "expect") {
-                f.expect = true;
+            }
+            self.fire_timers();
+            if self.accept_paused {
+                self.accept();
+            }
+            if self.stopping && self.clients == 0 {
+                return;
             }
         }
-        f
     }
 
-    fn names(&self) -> &[&'a [u8]] {
-        &self.names[..self.named]
+    fn poll_timeout(&self) -> Option<Duration> {
+        let mut t = self
+            .timers
+            .next_due()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        if self.accept_paused && !self.stopping {
+            t = Some(t.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+        }
+        t
     }
-}
 
-fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_decimal(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
+    fn gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
 
-fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
+    fn accept(&mut self) {
+        self.accept_paused = false;
+        while !self.stopping {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            // The slot is taken before accepting: excess clients wait in the kernel's
+            // backlog instead of costing memory here.
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                self.accept_paused = true;
+                return;
+            };
+            let (mut stream, addr) = match listener.accept() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying shortly");
+                    self.accept_paused = true;
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let gen = self.gen();
+            let entry = self.slots.vacant_entry();
+            let key = entry.key();
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(error = %e, "cannot watch a new connection; closing it");
+                continue;
+            }
+            let deadline = self.now + self.app.config.header_read_timeout;
+            let mut client = Box::new(Client {
+                stream,
+                peer: Peer::new(addr),
+                gen,
+                _permit: permit,
+                readable: false,
+                eof: false,
+                first: true,
+                rbuf: IoBuf::new(),
+                ubuf: IoBuf::new(),
+                req_out: Vec::new(),
+                resp_out: Vec::new(),
+                out: Output {
+                    queued: Vec::new(),
+                    pos: 0,
+                    writable: true,
+                },
+                state: State::Head,
+                exchange: None,
+                attempts: None,
+                deadline,
+                timer: TimerState::default(),
+            });
+            self.timers.arm(&mut client.timer, deadline, key, gen);
+            entry.insert(Slot::Client(client));
+            self.clients += 1;
+            self.app.connections.fetch_add(1, Ordering::Relaxed);
         }
     }
-    out.extend_from_slice(&digits[i..]);
-}
 
-/// A `Content-Length` value: ASCII digits only, no overflow.
-fn parse_decimal(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() {
-        return None;
+    /// Shutdown: no more accepting; idle clients close now, the others after their
+    /// response (see `finish`).
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let idle: Vec<usize> = self
+            .slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Client(c) if matches!(c.state, State::Head) && c.rbuf.is_empty() => Some(k),
+                _ => None,
+            })
+            .collect();
+        for k in idle {
+            if let Slot::Client(c) = self.slots.remove(k) {
+                self.close_client(c);
+            }
+        }
     }
-    v.iter().try_fold(0u64, |acc, b| {
-        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
-        acc.checked_mul(10)?.checked_add(u64::from(d))
-    })
+
+    fn on_event(&mut self, key: usize, readable: bool, writable: bool, closed: bool) {
+        let client = match self.slots.get_mut(key) {
+            Some(Slot::Client(c)) => {
+                c.readable |= readable;
+                c.eof |= closed;
+                c.out.writable |= writable;
+                key
+            }
+            Some(Slot::Busy { client }) => {
+                let client = *client;
+                if let Some(Slot::Client(c)) = self.slots.get_mut(client) {
+                    if let Some(up) = c.exchange.as_mut().and_then(|x| x.up.as_mut()) {
+                        if up.key == key {
+                            up.readable |= readable;
+                            up.writable |= writable;
+                            up.eof |= closed;
+                        }
+                    }
+                }
+                client
+            }
+            Some(Slot::Idle(_)) => {
+                // An idle upstream socket has nothing to say: the instance closed it, or
+                // sent bytes no request asked for. Either way it is done.
+                if readable {
+                    self.drop_idle(key);
+                }
+                return;
+            }
+            Some(Slot::Driving) | None => return,
+        };
+        self.drive(client, None);
+    }
+
+    fn fire_timers(&mut self) {
+        while let Some((at, key, gen)) = self.timers.pop_due(self.now) {
+            match self.slots.get_mut(key) {
+                Some(Slot::Client(c)) if c.gen == gen && c.timer.armed == Some(at) => {
+                    c.timer.armed = None;
+                    if c.deadline <= self.now {
+                        self.drive(key, Some(at));
+                    } else {
+                        let d = c.deadline;
+                        self.timers.arm(&mut c.timer, d, key, gen);
+                    }
+                }
+                Some(Slot::Idle(u)) if u.gen == gen && u.timer.armed == Some(at) => {
+                    u.timer.armed = None;
+                    let expires = u.since + self.app.config.pool_idle_timeout;
+                    if expires <= self.now {
+                        self.drop_idle(key);
+                    } else {
+                        self.timers.arm(&mut u.timer, expires, key, gen);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs client `key`'s state machine as far as it goes; `timed_out` when its deadline
+    /// passed.
+    fn drive(&mut self, key: usize, timed_out: Option<Instant>) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let Slot::Client(mut c) = std::mem::replace(slot, Slot::Driving) else {
+            return;
+        };
+        let early = match timed_out {
+            Some(_) => self.on_timeout(key, &mut c),
+            None => None,
+        };
+        let step = match early {
+            Some(s) => s,
+            None => self.step(key, &mut c),
+        };
+        match step {
+            Step::Wait => {
+                let (d, gen) = (c.deadline, c.gen);
+                self.timers.arm(&mut c.timer, d, key, gen);
+                self.slots[key] = Slot::Client(c);
+            }
+            Step::Close => {
+                self.slots.remove(key);
+                self.close_client(c);
+            }
+            Step::Handoff { http2 } => {
+                self.slots.remove(key);
+                self.handoff(c, http2);
+            }
+        }
+    }
+
+    fn close_client(&mut self, mut c: Box<Client>) {
+        if let Some(x) = c.exchange.take() {
+            if let Some(up) = x.up {
+                self.close_upstream(up);
+            }
+        }
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let _ = c.stream.shutdown(Shutdown::Write);
+        self.clients -= 1;
+        self.app.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn handoff(&mut self, mut c: Box<Client>, http2: bool) {
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        self.clients -= 1;
+        if self.stopping {
+            // The hyper side drains already; the client will retry elsewhere.
+            self.app.connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let Client {
+            stream,
+            peer,
+            _permit,
+            rbuf,
+            ..
+        } = *c;
+        let h = Handoff {
+            stream: stream.into(),
+            read: BytesMut::from(rbuf.bytes()),
+            peer: peer.addr,
+            permit: _permit,
+            http2,
+        };
+        if self.handoffs.send(h).is_err() {
+            self.app.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `None`: the state changed; drive on.
+    fn on_timeout(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        match c.state {
+            State::Head | State::Body(_) => {
+                if !c.rbuf.is_empty() {
+                    tracing::debug!(peer = %c.peer.addr, "request head not complete within the header read timeout");
+                }
+                Some(Step::Close)
+            }
+            State::Upstream => {
+                let connecting = c
+                    .exchange
+                    .as_ref()
+                    .and_then(|x| x.up.as_ref())
+                    .is_some_and(|u| !u.connected);
+                if connecting {
+                    self.connect_failed(c, "connect timed out".into());
+                    self.next_attempt(key, c)
+                } else {
+                    self.attempt_failed(key, c, Failure::Timeout)
+                }
+            }
+            State::Relay | State::Drain { .. } => {
+                tracing::debug!(peer = %c.peer.addr, "response stalled for the upstream timeout; closing");
+                Some(Step::Close)
+            }
+        }
+    }
+
+    /// Runs the state machine until it must wait.
+    fn step(&mut self, key: usize, c: &mut Client) -> Step {
+        loop {
+            let next = match &c.state {
+                State::Head => self.read_head(c),
+                State::Body(_) => self.read_body(key, c),
+                State::Upstream => self.at_upstream(key, c),
+                State::Relay => self.relay(c),
+                State::Drain { close } => {
+                    let close = *close;
+                    match c.out.flush(&mut c.stream) {
+                        Err(_) => return Step::Close,
+                        Ok(false) => return Step::Wait,
+                        Ok(true) if close || self.stopping => return Step::Close,
+                        Ok(true) => {
+                            c.state = State::Head;
+                            c.deadline = self.now + self.app.config.header_read_timeout;
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(step) = next {
+                return step;
+            }
+        }
+    }
+
+    /// `None`: the state changed; go on.
+    fn read_head(&mut self, c: &mut Client) -> Option<Step> {
+        loop {
+            if !c.rbuf.is_empty() {
+                if c.first {
+                    let b = c.rbuf.bytes();
+                    let n = b.len().min(H2_PREFACE.len());
+                    if b[..n] == H2_PREFACE[..n] {
+                        if n == H2_PREFACE.len() {
+                            return Some(Step::Handoff { http2: true });
+                        }
+                        // Part of a preface: wait for the rest.
+                    } else {
+                        c.first = false;
+                    }
+                }
+                if !c.first {
+                    let parsed = parse_request(c.rbuf.bytes(), &self.app, &c.peer, &mut c.req_out);
+                    match parsed {
+                        Parsed::Request(req) => {
+                            c.deadline = self.now + self.app.config.header_read_timeout;
+                            c.state = State::Body(req);
+                            return None;
+                        }
+                        Parsed::Partial => {}
+                        Parsed::Handoff => return Some(Step::Handoff { http2: false }),
+                        Parsed::Reject(status) => return self.reject(c, status),
+                    }
+                    if c.rbuf.len() >= self.app.config.max_header_bytes {
+                        return self.reject(c, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    }
+                }
+            } else if self.stopping {
+                return Some(Step::Close);
+            }
+            if let Some(step) = c.read_more(CLIENT_READ_SPACE) {
+                return Some(step);
+            }
+        }
+    }
+
+    fn read_body(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        let State::Body(req) = &c.state else {
+            return None;
+        };
+        let msg_len = req.head_len + req.body_len;
+        while c.rbuf.len() < msg_len {
+            if let Some(step) = c.read_more(msg_len - c.rbuf.len()) {
+                return Some(step);
+            }
+        }
+        let State::Body(req) = std::mem::replace(&mut c.state, State::Upstream) else {
+            return None;
+        };
+        c.req_out
+            .extend_from_slice(&c.rbuf.bytes()[req.head_len..msg_len]);
+        c.rbuf.consume(msg_len);
+        self.start(key, c, &req)
+    }
+
+    /// Starts proxying a request whose head and body are in `req_out`.
+    fn start(&mut self, key: usize, c: &mut Client, req: &Request) -> Option<Step> {
+        let app = Arc::clone(&self.app);
+        let close = req.close || self.stopping;
+        let Some(route) = req.route else {
+            app.no_route.fetch_add(1, Ordering::Relaxed);
+            return self.answer_local(c, &ProxyError::NoRoute, req.is_head, close);
+        };
+        let service = Arc::clone(&app.services[app.route_service[route]]);
+        let backends = service.backends();
+        if backends.list.is_empty() {
+            let e = ProxyError::NoHealthyInstance {
+                service: service.name.clone(),
+            };
+            service.metrics.latency.observe(Duration::ZERO);
+            e.report(&service);
+            return self.answer_local(c, &e, req.is_head, close);
+        }
+        match &mut c.attempts {
+            Some(a) => a.reset(&backends, app.config.retries),
+            None => c.attempts = Some(Attempts::new(&backends, app.config.retries)),
+        }
+        c.exchange = Some(Exchange {
+            service,
+            backends,
+            is_head: req.is_head,
+            replayable: req.replayable,
+            close,
+            started: self.now,
+            attempt: None,
+            backend: None,
+            up: None,
+            last_error: None,
+            relay: None,
+        });
+        self.next_attempt(key, c)
+    }
+
+    /// Picks the next instance and gets a socket to it, pooled or new.
+    fn next_attempt(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        let cfg = &self.app.config;
+        let (connect_timeout, upstream_timeout) = (cfg.connect_timeout, cfg.upstream_timeout);
+        loop {
+            let (Some(x), Some(attempts)) = (c.exchange.as_mut(), c.attempts.as_mut()) else {
+                return Some(Step::Close);
+            };
+            let Some(attempt) = attempts.next(&x.service, &x.backends) else {
+                let e = ProxyError::AllFailed {
+                    service: x.service.name.clone(),
+                    last: x.last_error.take(),
+                };
+                return self.fail(c, &e);
+            };
+            let backend = Arc::clone(&x.backends.list[attempt.index]);
+            let fresh = attempt.fresh;
+            let first = attempt.first;
+            x.attempt = Some(attempt);
+            x.backend = Some(Arc::clone(&backend));
+            let addr = match backend.socket_addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    self.connect_failed(c, format!("cannot resolve: {e}"));
+                    continue;
+                }
+            };
+            let pooled = if fresh {
+                None
+            } else {
+                self.checkout(addr, backend.pool_epoch(), key)
+            };
+            let up = match pooled {
+                Some(up) => up,
+                None => match self.connect(addr, key) {
+                    Ok(up) => up,
+                    Err(e) => {
+                        self.connect_failed(c, format!("connect failed: {e}"));
+                        continue;
+                    }
+                },
+            };
+            c.deadline = if !up.connected {
+                self.now + connect_timeout
+            } else if first {
+                // The first attempt starts with the request.
+                c.exchange.as_ref().map_or(self.now, |x| x.started) + upstream_timeout
+            } else {
+                self.now + upstream_timeout
+            };
+            c.ubuf.clear();
+            if let Some(x) = c.exchange.as_mut() {
+                x.up = Some(up);
+            }
+            c.state = State::Upstream;
+            return None;
+        }
+    }
+
+    /// A connect failed: the instance is ejected for a cool-off, the request is intact for
+    /// the next one.
+    fn connect_failed(&mut self, c: &mut Client, cause: String) {
+        let Some(x) = c.exchange.as_mut() else { return };
+        if let Some(up) = x.up.take() {
+            self.close_upstream(up);
+        }
+        let Some(backend) = &x.backend else { return };
+        backend.record_connect_failure();
+        tracing::warn!(service = %x.service.name, instance = %backend.instance.id, addr = %backend.authority, error = %cause, "connect failed; instance ejected for a cool-off");
+        x.last_error = Some(format!("{}: {cause}", backend.authority));
+    }
+
+    /// Connecting, sending, or reading the response head. `None`: the state changed.
+    fn at_upstream(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        let max_header_bytes = self.app.config.max_header_bytes;
+        let Some(x) = c.exchange.as_mut() else {
+            return Some(Step::Close);
+        };
+        let Some(up) = x.up.as_mut() else {
+            return Some(Step::Close);
+        };
+        if !up.connected {
+            if !up.writable {
+                return Some(Step::Wait);
+            }
+            match up.stream.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    self.connect_failed(c, format!("connect failed: {e}"));
+                    return self.next_attempt(key, c);
+                }
+                Ok(None) => {}
+            }
+            match up.stream.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    up.writable = false;
+                    return Some(Step::Wait);
+                }
+                Err(e) => {
+                    self.connect_failed(c, format!("connect failed: {e}"));
+                    return self.next_attempt(key, c);
+                }
+            }
+            up.connected = true;
+            if let Some(b) = &x.backend {
+                b.record_connect_success();
+            }
+            let first = x.attempt.as_ref().is_some_and(|a| a.first);
+            c.deadline =
+                if first { x.started } else { self.now } + self.app.config.upstream_timeout;
+        }
+        while up.written < c.req_out.len() {
+            if !up.writable {
+                return Some(Step::Wait);
+            }
+            match write_some(&mut up.stream, &c.req_out[up.written..], &mut up.writable) {
+                Ok(n) => up.written += n,
+                Err(e) if up.written == 0 => {
+                    return self.attempt_failed(key, c, Failure::Unsent(e.to_string()))
+                }
+                Err(e) => return self.attempt_failed(key, c, Failure::Sent(e.to_string())),
+            }
+        }
+        loop {
+            if !c.ubuf.is_empty() {
+                let parsed = parse_response(c.ubuf.bytes(), x.is_head, x.close, &mut c.resp_out);
+                match parsed {
+                    Ok(ParsedResponse::Response(r)) => {
+                        c.ubuf.consume(r.head_len);
+                        let Some(backend) = x.backend.as_ref() else {
+                            return Some(Step::Close);
+                        };
+                        backend.record_status(r.status);
+                        x.service
+                            .metrics
+                            .latency
+                            .observe(self.now.saturating_duration_since(x.started));
+                        x.relay = Some(Relay {
+                            end: BodyEnd::new(r.framing),
+                            framing: r.framing,
+                            reusable: r.keep_alive,
+                            head_sent: false,
+                            space: UPSTREAM_READ_SPACE,
+                        });
+                        c.deadline = self.now + self.app.config.upstream_timeout;
+                        c.state = State::Relay;
+                        return None;
+                    }
+                    Ok(ParsedResponse::Informational(n)) => {
+                        c.ubuf.consume(n);
+                        continue;
+                    }
+                    Ok(ParsedResponse::Partial) => {}
+                    Err(cause) => {
+                        return self.attempt_failed(key, c, Failure::Malformed(cause.into()))
+                    }
+                }
+                if c.ubuf.len() >= max_header_bytes {
+                    let f = Failure::Malformed("response head too large".into());
+                    return self.attempt_failed(key, c, f);
+                }
+            }
+            if !up.readable {
+                return Some(Step::Wait);
+            }
+            let empty = c.ubuf.is_empty();
+            match c.ubuf.read_from(&mut up.stream, UPSTREAM_READ_SPACE) {
+                Ok((0, _)) if empty => {
+                    let f = Failure::Sent("the connection closed before an answer".into());
+                    return self.attempt_failed(key, c, f);
+                }
+                Ok((0, _)) => {
+                    let f = Failure::Malformed("the connection closed mid-head".into());
+                    return self.attempt_failed(key, c, f);
+                }
+                Ok((_, drained)) => up.readable = !drained || up.eof,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    up.readable = false;
+                    return Some(Step::Wait);
+                }
+                Err(e) if empty => {
+                    return self.attempt_failed(key, c, Failure::Sent(e.to_string()))
+                }
+                Err(e) => return self.attempt_failed(key, c, Failure::Malformed(e.to_string())),
+            }
+        }
+    }
+
+    /// An attempt failed after connecting: the next one where the rules allow, else an
+    /// error answer.
+    fn attempt_failed(&mut self, key: usize, c: &mut Client, failure: Failure) -> Option<Step> {
+        let Some(x) = c.exchange.as_mut() else {
+            return Some(Step::Close);
+        };
+        let reused = x.up.as_ref().is_some_and(|u| u.reused);
+        if let Some(up) = x.up.take() {
+            self.close_upstream(up);
+        }
+        let (Some(backend), Some(attempt), Some(attempts)) =
+            (x.backend.clone(), x.attempt.take(), c.attempts.as_mut())
+        else {
+            return Some(Step::Close);
+        };
+        backend.failures.fetch_add(1, Ordering::Relaxed);
+        let cause = match failure {
+            Failure::Timeout => {
+                let e = ProxyError::Timeout {
+                    service: x.service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                };
+                return self.fail(c, &e);
+            }
+            Failure::Unsent(e) => {
+                x.last_error = Some(format!("{}: {e}", backend.authority));
+                attempts.unsent(&backend, &attempt, reused);
+                return self.next_attempt(key, c);
+            }
+            Failure::Malformed(cause) => {
+                // The instance answered, but not in HTTP: no retry, like any answer.
+                x.last_error = Some(format!("{}: {cause}", backend.authority));
+                let e = ProxyError::AllFailed {
+                    service: x.service.name.clone(),
+                    last: x.last_error.take(),
+                };
+                return self.fail(c, &e);
+            }
+            Failure::Sent(cause) => cause,
+        };
+        x.last_error = Some(format!("{}: {cause}", backend.authority));
+        if attempts.may_resend(x.replayable, &backend, &attempt, reused) {
+            tracing::debug!(service = %x.service.name, instance = %backend.instance.id, %cause, "retrying an idempotent request");
+            return self.next_attempt(key, c);
+        }
+        let e = ProxyError::AllFailed {
+            service: x.service.name.clone(),
+            last: x.last_error.take(),
+        };
+        self.fail(c, &e)
+    }
+
+    /// Ends the request in flight with an error answer.
+    fn fail(&mut self, c: &mut Client, e: &ProxyError) -> Option<Step> {
+        let Some(x) = c.exchange.take() else {
+            return Some(Step::Close);
+        };
+        if let Some(up) = x.up {
+            self.close_upstream(up);
+        }
+        x.service
+            .metrics
+            .latency
+            .observe(self.now.saturating_duration_since(x.started));
+        e.report(&x.service);
+        self.answer_local(c, e, x.is_head, x.close)
+    }
+
+    /// Answers from the balancer itself (404, 502, 503, 504).
+    fn answer_local(
+        &mut self,
+        c: &mut Client,
+        e: &ProxyError,
+        is_head: bool,
+        close: bool,
+    ) -> Option<Step> {
+        let (status, body) = e.status_and_body();
+        encode_local(&mut self.out, status, &body, close, !is_head);
+        if c.out.send(&mut c.stream, &self.out).is_err() {
+            return Some(Step::Close);
+        }
+        c.deadline = self.now + self.app.config.upstream_timeout;
+        c.state = State::Drain { close };
+        None
+    }
+
+    /// Answers a request that cannot be parsed or is too large, then closes.
+    fn reject(&mut self, c: &mut Client, status: StatusCode) -> Option<Step> {
+        tracing::debug!(peer = %c.peer.addr, %status, "rejecting a client request");
+        encode_local(&mut self.out, status, "", true, false);
+        if c.out.send(&mut c.stream, &self.out).is_err() {
+            return Some(Step::Close);
+        }
+        c.deadline = self.now + self.app.config.upstream_timeout;
+        c.state = State::Drain { close: true };
+        None
+    }
+
+    /// Streams the response body. `None`: the state changed.
+    fn relay(&mut self, c: &mut Client) -> Option<Step> {
+        let timeout = self.app.config.upstream_timeout;
+        loop {
+            match c.out.flush(&mut c.stream) {
+                Err(_) => return Some(Step::Close),
+                Ok(false) => return Some(Step::Wait),
+                Ok(true) => {}
+            }
+            let Some(x) = c.exchange.as_mut() else {
+                return Some(Step::Close);
+            };
+            let Some(relay) = x.relay.as_mut() else {
+                return Some(Step::Close);
+            };
+            let (take, complete, broken) = match relay.end.feed(c.ubuf.bytes()) {
+                Ok((take, complete)) => (take, complete, false),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad response body framing");
+                    (c.ubuf.len(), false, true)
+                }
+            };
+            if complete && take < c.ubuf.len() {
+                // Bytes after the end of the response: the instance is out of step.
+                relay.reusable = false;
+            }
+            // The head and the first body bytes go out in one write.
+            let sent = if !relay.head_sent {
+                relay.head_sent = true;
+                c.resp_out.extend_from_slice(&c.ubuf.bytes()[..take]);
+                c.out.send(&mut c.stream, &c.resp_out)
+            } else {
+                c.out.send(&mut c.stream, &c.ubuf.bytes()[..take])
+            };
+            c.ubuf.consume(take);
+            if complete {
+                let reusable = relay.reusable;
+                let close = x.close;
+                if let Some(up) = x.up.take() {
+                    if reusable {
+                        // Read exactly to its end: clean, whatever the client does next.
+                        let epoch = x.backend.as_ref().map_or(0, |b| b.pool_epoch());
+                        self.checkin(up, epoch);
+                    } else {
+                        self.close_upstream(up);
+                    }
+                }
+                c.exchange = None;
+                c.ubuf.clear();
+                if sent.is_err() {
+                    return Some(Step::Close);
+                }
+                c.deadline = self.now + timeout;
+                c.state = State::Drain { close };
+                return None;
+            }
+            if broken || sent.is_err() {
+                return Some(Step::Close);
+            }
+            if c.out.pending() {
+                // The client is slower than the instance: read on once it catches up.
+                return Some(Step::Wait);
+            }
+            let Some(up) = x.up.as_mut() else {
+                return Some(Step::Close);
+            };
+            if !up.readable {
+                return Some(Step::Wait);
+            }
+            match c.ubuf.read_from(&mut up.stream, relay.space) {
+                // The end of a close-delimited body; the client was told to close.
+                Ok((0, _)) if relay.framing == Framing::Close => {
+                    if let Some(up) = x.up.take() {
+                        self.close_upstream(up);
+                    }
+                    c.exchange = None;
+                    c.state = State::Drain { close: true };
+                    return None;
+                }
+                Ok((0, _)) => {
+                    // The instance stopped mid-body: the client can only see a cut answer.
+                    tracing::debug!("response body cut off by the instance");
+                    return Some(Step::Close);
+                }
+                Ok((n, drained)) => {
+                    up.readable = !drained || up.eof;
+                    if n >= relay.space && relay.space < MAX_READ_SPACE {
+                        relay.space *= 2;
+                    }
+                    c.deadline = self.now + timeout;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    up.readable = false;
+                    return Some(Step::Wait);
+                }
+                Err(_) => return Some(Step::Close),
+            }
+        }
+    }
+
+    /// A new socket to `addr`, owned by client `client`.
+    fn connect(&mut self, addr: SocketAddr, client: usize) -> io::Result<Upstream> {
+        let mut stream = TcpStream::connect(addr)?;
+        let _ = stream.set_nodelay(true);
+        let gen = self.gen();
+        let key = self.slots.insert(Slot::Busy { client });
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.slots.remove(key);
+            return Err(e);
+        }
+        Ok(Upstream {
+            stream,
+            key,
+            addr,
+            gen,
+            epoch: 0,
+            since: self.now,
+            connected: false,
+            readable: false,
+            writable: false,
+            reused: false,
+            eof: false,
+            written: 0,
+            timer: TimerState::default(),
+        })
+    }
+
+    /// The most recently pooled live socket to `addr`, now owned by client `client`.
+    fn checkout(&mut self, addr: SocketAddr, epoch: u64, client: usize) -> Option<Upstream> {
+        let idle_timeout = self.app.config.pool_idle_timeout;
+        loop {
+            let key = self.pool.get_mut(&addr)?.pop()?;
+            let Some(slot) = self.slots.get_mut(key) else {
+                continue;
+            };
+            let Slot::Idle(_) = slot else { continue };
+            let Slot::Idle(mut up) = std::mem::replace(slot, Slot::Busy { client }) else {
+                continue;
+            };
+            if up.epoch != epoch || self.now.saturating_duration_since(up.since) >= idle_timeout {
+                self.close_upstream(up);
+                continue;
+            }
+            up.reused = true;
+            up.written = 0;
+            // Idle, it had nothing to read (an event would have retired it), and may write.
+            up.readable = false;
+            up.writable = true;
+            return Some(up);
+        }
+    }
+
+    /// Pools a socket whose last response was read exactly to its end.
+    /// `epoch` is the instance's [`Backend::pool_epoch`] now.
+    fn checkin(&mut self, mut up: Upstream, epoch: u64) {
+        let list = self.pool.entry(up.addr).or_default();
+        if up.eof || list.len() >= MAX_IDLE_PER_INSTANCE {
+            self.close_upstream(up);
+            return;
+        }
+        list.push(up.key);
+        up.epoch = epoch;
+        up.since = self.now;
+        let (key, gen) = (up.key, up.gen);
+        let expires = self.now + self.app.config.pool_idle_timeout;
+        // An entry that came due while the socket was busy was dropped unseen.
+        if up.timer.armed.is_some_and(|a| a <= self.now) {
+            up.timer.armed = None;
+        }
+        self.timers.arm(&mut up.timer, expires, key, gen);
+        self.slots[key] = Slot::Idle(up);
+    }
+
+    /// Closes an idle socket and takes it out of the pool.
+    fn drop_idle(&mut self, key: usize) {
+        if let Slot::Idle(up) = self.slots.remove(key) {
+            if let Some(list) = self.pool.get_mut(&up.addr) {
+                list.retain(|k| *k != key);
+            }
+            let mut stream = up.stream;
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+    }
+
+    fn close_upstream(&mut self, mut up: Upstream) {
+        let _ = self.poll.registry().deregister(&mut up.stream);
+        if self.slots.contains(up.key) {
+            self.slots.remove(up.key);
+        }
+    }
 }

@@ -12,7 +12,9 @@
 //! - [`service`]: a service's snapshot and round-robin selection.
 //! - [`upstream`]: instances: connection pool, ejection, counters.
 //! - [`proxy`]: the request path and the one error-to-status mapping.
-//! - [`fast`]: the HTTP/1 fast path (most requests), on the same rules as `proxy`.
+//! - [`fast`]: the HTTP/1 fast path (most requests), on the same rules as `proxy`: an
+//!   event loop on its own thread.
+//! - `http1`: request and response heads for the fast path.
 //! - [`chunked`]: where a chunked body ends, for the fast path.
 //! - [`admin`]: `/status`, `/metrics`, `/health` on the admin listener.
 //! - [`metrics`]: atomic counters and histogram, Prometheus text.
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod config;
 mod deadline;
 pub mod fast;
+mod http1;
 pub mod metrics;
 mod prefixed;
 pub mod proxy;
@@ -37,9 +40,8 @@ use std::time::Instant;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use discovery::serve::{detect_protocol, Protocol};
 use discovery::watch::{Watch, WatchOptions};
 
 pub use config::{Config, Route};
@@ -203,66 +205,65 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
     tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
+    // The fast path accepts and serves HTTP/1 on its own thread; what it does not serve
+    // comes back here.
+    let (handoff_tx, mut handoffs) = tokio::sync::mpsc::unbounded_channel();
+    let fast = fast::FastPath::start(
+        Arc::clone(&app),
+        listener.into_std().map_err(Error::Io)?,
+        Arc::clone(&permits),
+        handoff_tx,
+    )
+    .map_err(Error::Io)?;
     tokio::pin!(shutdown);
-    while let Some((permit, stream, peer)) =
-        discovery::serve::accept(&listener, &permits, &mut shutdown).await
-    {
-        // The hyper service, made only for connections the fast path does not serve.
-        let hyper_service = {
-            let app = Arc::clone(&app);
-            move || {
-                let client = Arc::new(proxy::Peer::new(peer));
-                hyper::service::service_fn(move |req| {
-                    let app = Arc::clone(&app);
-                    let client = Arc::clone(&client);
-                    async move {
-                        Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await)
-                    }
-                })
+    loop {
+        let h = tokio::select! {
+            _ = &mut shutdown => break,
+            h = handoffs.recv() => h,
+        };
+        let Some(h) = h else {
+            tracing::error!("the fast path stopped; shutting down");
+            break;
+        };
+        let stream = match tokio::net::TcpStream::from_std(h.stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take over a connection from the fast path");
+                app.connections.fetch_sub(1, Ordering::Relaxed);
+                continue;
             }
         };
-        let builders = Arc::clone(&builders);
-        let watcher = graceful.watcher();
-        let header_read_timeout = app.config.header_read_timeout;
-        let app_c = Arc::clone(&app);
-        app_c.connections.fetch_add(1, Ordering::Relaxed);
-        let stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let served = match detect_protocol(&stream, header_read_timeout).await {
-                Some(Protocol::Http1) => {
-                    let fast_peer = proxy::Peer::new(peer);
-                    match fast::serve(Arc::clone(&app_c), stream, fast_peer, stop).await {
-                        (_, fast::Outcome::Closed) => Ok(()),
-                        (stream, fast::Outcome::Handoff(read)) => {
-                            app_c.handoffs.fetch_add(1, Ordering::Relaxed);
-                            let io = TokioIo::new(prefixed::Prefixed::new(read, stream));
-                            let svc = hyper_service();
-                            watcher.watch(builders.0.serve_connection(io, svc)).await
-                        }
-                    }
-                }
-                Some(Protocol::Http2) => {
-                    let io = TokioIo::new(stream);
-                    let svc = hyper_service();
-                    watcher.watch(builders.1.serve_connection(io, svc)).await
-                }
-                None => {
-                    tracing::debug!(%peer, "no request within the header read timeout; closing");
-                    Ok(())
-                }
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-            app_c.connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+        let peer = h.peer;
+        let client = Arc::new(proxy::Peer::new(peer));
+        let app_s = Arc::clone(&app);
+        let svc = hyper::service::service_fn(move |req| {
+            let app = Arc::clone(&app_s);
+            let client = Arc::clone(&client);
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await) }
         });
+        let io = TokioIo::new(prefixed::Prefixed::new(h.read, stream));
+        let app_c = Arc::clone(&app);
+        if h.http2 {
+            let served = graceful.watch(builders.1.serve_connection(io, svc));
+            spawn_connection(app_c, peer, h.permit, served);
+        } else {
+            app.handoffs.fetch_add(1, Ordering::Relaxed);
+            let served = graceful.watch(builders.0.serve_connection(io, svc));
+            spawn_connection(app_c, peer, h.permit, served);
+        }
     }
-    drop(listener);
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
-    // hyper's connections are told through `graceful`, the fast path's through `stop`;
-    // every connection holds a permit until it ends.
+    fast.stop();
+    // Connections handed over but not taken yet are closed, releasing their slots; from now
+    // on the fast path closes what it would hand over.
+    handoffs.close();
+    while let Ok(h) = handoffs.try_recv() {
+        app.connections.fetch_sub(1, Ordering::Relaxed);
+        drop(h);
+    }
+    // hyper's connections are told through `graceful`, the fast path's by `stop`; every
+    // connection holds a permit until it ends.
     let all = u32::try_from(app.config.max_connections).unwrap_or(u32::MAX);
     let drained = async {
         graceful.shutdown().await;
@@ -274,6 +275,9 @@ pub async fn run(
             tracing::warn!(grace = ?app.config.shutdown_grace, "shutdown grace expired with connections still open");
         }
     }
+    // Ends what is left on the fast path and joins its thread (quick: it only closes
+    // sockets).
+    let _ = tokio::task::spawn_blocking(move || fast.abort()).await;
     for t in tasks {
         t.abort();
     }
@@ -284,4 +288,22 @@ pub async fn run(
     // cancels its blocking query); connection tasks past the grace may still hold one.
     drop(app);
     Ok(())
+}
+
+/// Serves a connection the fast path handed over; it keeps its connection slot until done.
+fn spawn_connection<F>(
+    app: Arc<App>,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+    served: F,
+) where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = served.await {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+        app.connections.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+    });
 }

@@ -288,9 +288,9 @@ pub(crate) struct Attempt {
 /// each instance once, a stale pooled connection replaced by a fresh one to the same
 /// instance, and requests that may have reached an instance retried only when replayable and
 /// within `--retries`. Shared by this path and the fast path.
-pub(crate) struct Attempts<'a> {
-    /// Instances already picked (the caller's buffer, cleared here).
-    tried: &'a mut Vec<usize>,
+pub(crate) struct Attempts {
+    /// Instances already picked.
+    tried: Vec<usize>,
     retries_left: u32,
     /// Attempts left: each instance once plus the retries; the bound also covers
     /// fresh-connection attempts on the same instance.
@@ -300,16 +300,26 @@ pub(crate) struct Attempts<'a> {
     again: Option<usize>,
 }
 
-impl<'a> Attempts<'a> {
-    pub(crate) fn new(backends: &Backends, retries: u32, tried: &'a mut Vec<usize>) -> Self {
-        tried.clear();
-        Self {
-            tried,
-            retries_left: retries,
-            left: backends.list.len() + retries as usize + 1,
+impl Attempts {
+    pub(crate) fn new(backends: &Backends, retries: u32) -> Self {
+        let mut a = Self {
+            tried: Vec::new(),
+            retries_left: 0,
+            left: 0,
             made: 0,
             again: None,
-        }
+        };
+        a.reset(backends, retries);
+        a
+    }
+
+    /// Starts over for a new request, keeping the buffer.
+    pub(crate) fn reset(&mut self, backends: &Backends, retries: u32) {
+        self.tried.clear();
+        self.retries_left = retries;
+        self.left = backends.list.len() + retries as usize + 1;
+        self.made = 0;
+        self.again = None;
     }
 
     /// The next attempt, or `None` when the rules allow no more.
@@ -320,7 +330,7 @@ impl<'a> Attempts<'a> {
         let (index, fresh) = match self.again.take() {
             Some(i) => (i, true),
             None => {
-                let i = service.pick(backends, self.tried)?;
+                let i = service.pick(backends, &self.tried)?;
                 self.tried.push(i);
                 (i, false)
             }
@@ -389,8 +399,7 @@ async fn forward(
     } else {
         UpBody::Incoming(body)
     });
-    let mut tried = Vec::with_capacity(2);
-    let mut attempts = Attempts::new(&backends, app.config.retries, &mut tried);
+    let mut attempts = Attempts::new(&backends, app.config.retries);
     let mut last_error: Option<String> = None;
 
     while let Some(attempt) = attempts.next(service, &backends) {

@@ -6,9 +6,10 @@
 //! next instance with its body intact; a failure after sending may not be retried blindly.
 //! hyper-util's client hides that boundary and consumes the body either way.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 /// Longest cool-off.
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// Idle connections kept per instance; more than this are closed when returned.
-const MAX_IDLE_PER_INSTANCE: usize = 256;
+pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 256;
 
 /// Body of a request sent upstream: the client's body, or nothing (also for a retry of a
 /// bodiless request, whose original body was consumed by the failed attempt).
@@ -72,12 +73,6 @@ struct Idle {
     since: Instant,
 }
 
-/// An idle connection of the HTTP/1 fast path (see `fast`): a bare socket between requests.
-struct RawIdle {
-    stream: TcpStream,
-    since: Instant,
-}
-
 /// One instance of a service. Shared by consecutive snapshots while the instance stays
 /// (same ID, same address), so counters, ejection state and pooled connections survive
 /// discovery updates; dropped (closing its pool) when the instance leaves.
@@ -86,7 +81,11 @@ pub struct Backend {
     /// `host:port`, also the `Host`-independent connect target.
     pub authority: String,
     pool: Mutex<Vec<Idle>>,
-    raw_pool: Mutex<Vec<RawIdle>>,
+    /// Bumped by [`Backend::clear_pool`]: the fast path's idle sockets from an older epoch
+    /// are not reused.
+    pool_epoch: AtomicU64,
+    /// The connect target, resolved once (see [`Backend::socket_addr`]).
+    addr: OnceLock<SocketAddr>,
     idle_timeout: Duration,
     /// Requests answered, by status class 1xx..5xx (index 0..4).
     pub responses: [AtomicU64; 5],
@@ -150,7 +149,8 @@ impl Backend {
             instance,
             authority,
             pool: Mutex::new(Vec::new()),
-            raw_pool: Mutex::new(Vec::new()),
+            pool_epoch: AtomicU64::new(0),
+            addr: OnceLock::new(),
             idle_timeout,
             responses: Default::default(),
             failures: AtomicU64::new(0),
@@ -164,11 +164,6 @@ impl Backend {
     fn pool(&self) -> MutexGuard<'_, Vec<Idle>> {
         // The pool holds only connections; a panic elsewhere cannot corrupt it.
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn raw_pool(&self) -> MutexGuard<'_, Vec<RawIdle>> {
-        // As for `pool`.
-        self.raw_pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn now_ms(&self) -> u64 {
@@ -235,10 +230,33 @@ impl Backend {
         self.connect_fresh(connect_timeout).await
     }
 
+    /// The fast path's pool epoch (see `pool_epoch`).
+    pub(crate) fn pool_epoch(&self) -> u64 {
+        self.pool_epoch.load(Ordering::Relaxed)
+    }
+
+    /// The socket address to connect to. Consul addresses are nearly always IP literals;
+    /// a host name is resolved once, on first use, and blocks the caller while it resolves.
+    pub fn socket_addr(&self) -> std::io::Result<SocketAddr> {
+        if let Some(a) = self.addr.get() {
+            return Ok(*a);
+        }
+        let a = match self.authority.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => self.authority.to_socket_addrs()?.next().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the address resolves to nothing",
+                )
+            })?,
+        };
+        Ok(*self.addr.get_or_init(|| a))
+    }
+
     /// Drops every pooled connection (the instance restarted or closed them).
     pub fn clear_pool(&self) {
         self.pool().clear();
-        self.raw_pool().clear();
+        self.pool_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A new TCP connection to the instance.
@@ -255,52 +273,6 @@ impl Backend {
         };
         let _ = stream.set_nodelay(true);
         Ok(stream)
-    }
-
-    /// For the fast path: a pooled idle socket (`true`: reused), or a new one. `now` is about
-    /// the present (the caller has read the clock already).
-    ///
-    /// A pooled socket that the reactor saw become readable while idle is dropped: the
-    /// instance closed it (or sent bytes no request asked for). The check reads tokio's
-    /// cached readiness only, no system call (see `checkin_raw`).
-    pub async fn checkout_raw(
-        &self,
-        connect_timeout: Duration,
-        now: Instant,
-    ) -> Result<(TcpStream, bool), ConnectError> {
-        {
-            let mut pool = self.raw_pool();
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            while let Some(idle) = pool.pop() {
-                if now.saturating_duration_since(idle.since) < self.idle_timeout
-                    && idle.stream.poll_read_ready(&mut cx).is_pending()
-                {
-                    return Ok((idle.stream, true));
-                }
-            }
-        }
-        Ok((self.dial(connect_timeout).await?, false))
-    }
-
-    /// A new socket for the fast path, bypassing the pool.
-    pub async fn connect_raw(&self, connect_timeout: Duration) -> Result<TcpStream, ConnectError> {
-        self.dial(connect_timeout).await
-    }
-
-    /// Returns a fast-path socket whose last response was read exactly to its end.
-    ///
-    /// tokio clears a socket's cached readiness after a read that did not fill the buffer
-    /// (the kernel had nothing more), so a socket pooled after such a read turns readable
-    /// again only on a new event, which `checkout_raw` then sees. After a read that filled
-    /// the buffer exactly it stays readable and is dropped at checkout: wasteful but safe.
-    ///
-    /// `since` starts its idle time; the start of its request will do, erring towards
-    /// retiring it early.
-    pub fn checkin_raw(&self, stream: TcpStream, since: Instant) {
-        let mut pool = self.raw_pool();
-        if pool.len() < MAX_IDLE_PER_INSTANCE {
-            pool.push(RawIdle { stream, since });
-        }
     }
 
     /// A new connection, bypassing the pool.

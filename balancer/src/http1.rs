@@ -1,0 +1,472 @@
+//! HTTP/1 heads for the fast path (see [`crate::fast`]): parsing a request or response head,
+//! writing the version that goes on (hop-by-hop headers dropped, forwarding headers added),
+//! and tracking where a response body ends.
+
+use std::mem::MaybeUninit;
+
+use http::StatusCode;
+
+use crate::chunked::ChunkedEnd;
+use crate::proxy::{is_idempotent_method, Peer};
+use crate::App;
+
+/// Most header lines in a request or response head.
+const MAX_HEADERS: usize = 100;
+/// Largest request body the fast path buffers; larger ones go to the hyper path.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+/// Most names a `Connection` header may list before the request goes to the hyper path.
+const MAX_CONNECTION_NAMES: usize = 8;
+
+/// What was learned from a request head (the head for the instance is in `req_out`).
+pub(crate) struct Request {
+    pub(crate) head_len: usize,
+    pub(crate) body_len: usize,
+    /// The client asked to close after this request.
+    pub(crate) close: bool,
+    pub(crate) is_head: bool,
+    /// Idempotent and bodiless: may be sent again after it may have reached an instance.
+    pub(crate) replayable: bool,
+    pub(crate) route: Option<usize>,
+}
+
+pub(crate) enum Parsed {
+    Request(Request),
+    Partial,
+    Handoff,
+    /// Answer with this status and close.
+    Reject(StatusCode),
+}
+
+/// Where a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the instance closes the connection.
+    Close,
+}
+
+/// What was learned from a response head (the head for the client is in `resp_out`).
+pub(crate) struct Response {
+    pub(crate) head_len: usize,
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
+    /// The instance keeps the connection open after this response.
+    pub(crate) keep_alive: bool,
+}
+
+pub(crate) enum ParsedResponse {
+    Response(Response),
+    /// A 1xx answer of this length, to skip.
+    Informational(usize),
+    Partial,
+}
+
+/// A whole answer from the balancer itself into `out`; `send_body` is false for `HEAD`.
+pub(crate) fn encode_local(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    body: &str,
+    close: bool,
+    send_body: bool,
+) {
+    out.clear();
+    write_status_line(
+        out,
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+    );
+    if !body.is_empty() {
+        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    push_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if send_body {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+/// Where a response body ends, tracked as its bytes pass.
+pub(crate) enum BodyEnd {
+    Empty,
+    /// Bytes left.
+    Length(u64),
+    Chunked(ChunkedEnd),
+    Close,
+}
+
+impl BodyEnd {
+    pub(crate) fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => BodyEnd::Empty,
+            Framing::Length(n) => BodyEnd::Length(n),
+            Framing::Chunked => BodyEnd::Chunked(ChunkedEnd::default()),
+            Framing::Close => BodyEnd::Close,
+        }
+    }
+
+    /// Of `bytes`, the next ones from the instance: how many belong to the body, and
+    /// whether the body ended with them.
+    pub(crate) fn feed(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(usize, bool), crate::chunked::Malformed> {
+        Ok(match self {
+            BodyEnd::Empty => (0, true),
+            BodyEnd::Length(left) => {
+                let take = (*left).min(bytes.len() as u64);
+                *left -= take;
+                (take as usize, *left == 0)
+            }
+            BodyEnd::Chunked(c) => match c.feed(bytes)? {
+                Some(end) => (end, true),
+                None => (bytes.len(), false),
+            },
+            BodyEnd::Close => (bytes.len(), false),
+        })
+    }
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// Comma-separated tokens of a header value, trimmed, empty ones skipped.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Headers never forwarded as received, in either direction: hop-by-hop ones (RFC 9110
+/// §7.6.1), and the forwarding headers the balancer writes itself (requests only; the
+/// response side passes those through).
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    match name.len() {
+        2 => eq(name, "te"),
+        7 => eq(name, "trailer") || eq(name, "upgrade"),
+        10 => eq(name, "connection") || eq(name, "keep-alive"),
+        16 => eq(name, "proxy-connection"),
+        17 => eq(name, "transfer-encoding"),
+        18 => eq(name, "proxy-authenticate"),
+        19 => eq(name, "proxy-authorization"),
+        _ => false,
+    }
+}
+
+fn named_in(name: &[u8], names: &[&[u8]]) -> bool {
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Parses a request head at the start of `buf`; on success the head to send upstream is in
+/// `out`.
+pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8>) -> Parsed {
+    // Uninitialised slots: httparse fills what it uses, and a request or response pays no
+    // 3 KiB clearing of a header array.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Err(_) => return Parsed::Reject(StatusCode::BAD_REQUEST),
+    };
+    if head_len > app.config.max_header_bytes {
+        return Parsed::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Handoff;
+    };
+    if method == "CONNECT" || !target.starts_with('/') {
+        return Parsed::Handoff;
+    }
+    let facts = HeadFacts::scan(req.headers);
+    // Invalid or conflicting lengths, chunked uploads, `Expect` and upgrades: hyper's.
+    if facts.bad_length
+        || facts.too_many_names
+        || facts.transfer_encoding
+        || facts.expect
+        || (facts.upgrade && facts.upgrade_header)
+    {
+        return Parsed::Handoff;
+    }
+    let length = facts.length;
+    let body_len = match length {
+        Some(l) if l > MAX_BUFFERED_BODY as u64 => return Parsed::Handoff,
+        Some(l) => l as usize,
+        None => 0,
+    };
+    let names = facts.names();
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host: Option<&[u8]> = None;
+    let mut prior_xff = false;
+    for h in req.headers.iter() {
+        let n = h.name.as_bytes();
+        if is_hop_by_hop(n) || named_in(n, names) {
+            continue;
+        }
+        if n.len() > 11 && n[..11].eq_ignore_ascii_case(b"x-forwarded") {
+            if eq(n, "x-forwarded-for") {
+                prior_xff |= tokens(h.value).next().is_some();
+                continue;
+            }
+            if eq(n, "x-forwarded-proto") || eq(n, "x-forwarded-host") {
+                continue;
+            }
+        }
+        if host.is_none() && eq(n, "host") {
+            host = Some(h.value);
+        }
+        write_header(out, n, h.value);
+    }
+    // Earlier hops may have sent several X-Forwarded-For lines: one line, all in order.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if prior_xff {
+        for h in req
+            .headers
+            .iter()
+            .filter(|h| eq(h.name.as_bytes(), "x-forwarded-for"))
+        {
+            for t in tokens(h.value) {
+                out.extend_from_slice(t);
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    out.extend_from_slice(peer.ip_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = host {
+        write_header(out, b"x-forwarded-host", host);
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    Parsed::Request(Request {
+        head_len,
+        body_len,
+        close: facts.close,
+        is_head: method == "HEAD",
+        replayable: body_len == 0 && is_idempotent_method(method),
+        route: app.config.route_for(path),
+    })
+}
+
+/// Parses a response head at the start of `buf`; the head for the client goes to `out`.
+pub(crate) fn parse_response(
+    buf: &[u8],
+    is_head: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<ParsedResponse, &'static str> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(ParsedResponse::Partial),
+        Err(_) => return Err("malformed response head"),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err("malformed response head");
+    };
+    if (100..200).contains(&status) {
+        // Never asked for (no `Expect`, no upgrade goes this way): skip, as hyper does.
+        if status == 101 {
+            return Err("unrequested protocol switch");
+        }
+        return Ok(ParsedResponse::Informational(head_len));
+    }
+    let facts = HeadFacts::scan(resp.headers);
+    if facts.bad_length {
+        return Err("invalid or conflicting content-length");
+    }
+    if facts.too_many_names {
+        return Err("too many connection options");
+    }
+    let mut keep_alive = if version == 1 {
+        !facts.close
+    } else {
+        facts.keep_alive && !facts.close
+    };
+    let (transfer_encoding, chunked, length) =
+        (facts.transfer_encoding, facts.chunked, facts.length);
+    let framing = if is_head || status == 204 || status == 304 {
+        Framing::Empty
+    } else if transfer_encoding {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if framing == Framing::Close {
+        keep_alive = false;
+    }
+    let names = facts.names();
+
+    out.clear();
+    write_status_line(out, status, resp.reason.unwrap_or(""));
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        // The body passes through unchanged, so its `Transfer-Encoding` does too; a length
+        // beside it is dropped (RFC 9112 §6.3).
+        let coding = eq(n, "transfer-encoding");
+        if (is_hop_by_hop(n) && !coding)
+            || named_in(n, names)
+            || (transfer_encoding && eq(n, "content-length"))
+        {
+            continue;
+        }
+        write_header(out, n, h.value);
+    }
+    if close || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ParsedResponse::Response(Response {
+        head_len,
+        status,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What a head's headers say about the connection and the body's framing.
+struct HeadFacts<'a> {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive` (meaningful for HTTP/1.0).
+    keep_alive: bool,
+    /// `Connection: upgrade`.
+    upgrade: bool,
+    /// Other `Connection` options: names of headers that are hop-by-hop for this message.
+    names: [&'a [u8]; MAX_CONNECTION_NAMES],
+    named: usize,
+    too_many_names: bool,
+    length: Option<u64>,
+    /// A `Content-Length` that is not a number, or two that differ.
+    bad_length: bool,
+    transfer_encoding: bool,
+    /// Chunked is the last transfer coding (RFC 9112 §6.3).
+    chunked: bool,
+    upgrade_header: bool,
+    expect: bool,
+}
+
+impl<'a> HeadFacts<'a> {
+    fn scan(headers: &[httparse::Header<'a>]) -> Self {
+        let mut f = HeadFacts {
+            close: false,
+            keep_alive: false,
+            upgrade: false,
+            names: [b""; MAX_CONNECTION_NAMES],
+            named: 0,
+            too_many_names: false,
+            length: None,
+            bad_length: false,
+            transfer_encoding: false,
+            chunked: false,
+            upgrade_header: false,
+            expect: false,
+        };
+        for h in headers {
+            let n = h.name.as_bytes();
+            if eq(n, "connection") {
+                for t in tokens(h.value) {
+                    if eq(t, "close") {
+                        f.close = true;
+                    } else if eq(t, "keep-alive") {
+                        f.keep_alive = true;
+                    } else if eq(t, "upgrade") {
+                        f.upgrade = true;
+                    } else if f.named == MAX_CONNECTION_NAMES {
+                        f.too_many_names = true;
+                    } else {
+                        f.names[f.named] = t;
+                        f.named += 1;
+                    }
+                }
+            } else if eq(n, "content-length") {
+                match parse_decimal(h.value) {
+                    Some(v) if f.length.is_none_or(|l| l == v) => f.length = Some(v),
+                    _ => f.bad_length = true,
+                }
+            } else if eq(n, "transfer-encoding") {
+                f.transfer_encoding = true;
+                f.chunked = tokens(h.value).last().is_some_and(|t| eq(t, "chunked"));
+            } else if eq(n, "upgrade") {
+                f.upgrade_header = true;
+            } else if eq(n, "expect") {
+                f.expect = true;
+            }
+        }
+        f
+    }
+
+    fn names(&self) -> &[&'a [u8]] {
+        &self.names[..self.named]
+    }
+}
+
+fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// A `Content-Length` value: ASCII digits only, no overflow.
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |acc, b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        acc.checked_mul(10)?.checked_add(u64::from(d))
+    })
+}
