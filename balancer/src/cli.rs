@@ -63,9 +63,10 @@ pub struct Args {
     /// Longest Consul blocking-query wait.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub watch_wait: Duration,
-    /// Threads serving requests: 1 (the default) runs everything on one thread, which
-    /// measured cheapest per request on a 2-core machine (README, Benchmarks); N > 1 uses a
-    /// work-stealing pool of N threads; 0 means one per CPU.
+    /// Threads of the runtime behind the fast path: connections it hands over (HTTP/2,
+    /// HTTP/1.0, upgrades, large uploads), discovery and the admin listener. 1 (the default)
+    /// is a single thread; N > 1 a work-stealing pool of N threads; 0 one per CPU. The HTTP/1
+    /// fast path always runs on one thread of its own.
     #[arg(long, env = "BALANCER_THREADS", default_value_t = 1)]
     pub threads: usize,
 }
@@ -117,8 +118,8 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
 
     // One thread: a current-thread runtime, which skips the work-stealing scheduler's
     // cross-thread wake-ups. Measured with ../shared/bench on 2 cores shared with the load
-    // generator and the instances: ~39k requests per CPU-second on one thread, ~22k on the
-    // default two-thread pool.
+    // generator and the instances, when this runtime served every request: ~39k requests per
+    // CPU-second on one thread, ~22k on the default two-thread pool.
     let mut rt = match cli.threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         0 => tokio::runtime::Builder::new_multi_thread(),

@@ -609,7 +609,7 @@ impl Engine {
     }
 
     /// Shutdown: no more accepting; idle clients close now, the others after their
-    /// response (see `finish`).
+    /// response (see `step`).
     fn begin_stop(&mut self) {
         if self.stopping {
             return;
