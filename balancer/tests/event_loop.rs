@@ -11,323 +11,36 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::raw::*;
 use common::*;
-use http::{Method, StatusCode};
-use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use http::StatusCode;
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 // ---------------------------------------------------------------------------------------------
-// A scripted raw upstream that knows its connections
+// Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// One thing the raw upstream does in answer to a request.
-enum Step {
-    Write(Vec<u8>),
-    Sleep(Duration),
-    /// Close the connection from this side (no further requests are read on it).
-    Close,
-}
-
-/// A request as the raw upstream received it.
-#[derive(Debug, Clone)]
-struct RawRequest {
-    /// The connection it came on: 1 for the first accepted, 2 for the next, ...
-    conn: u64,
-    method: String,
-    path: String,
-    body: Vec<u8>,
-}
-
-type Script = Arc<dyn Fn(&RawRequest) -> Vec<Step> + Send + Sync>;
-
-/// What the raw upstream saw.
-#[derive(Default)]
-struct RawSeen {
-    /// TCP connections accepted.
-    accepted: AtomicU64,
-    /// Connections the peer (the balancer) closed: a read saw the end of the stream or an
-    /// error, or a write failed.
-    closed_by_peer: Mutex<Vec<u64>>,
-    /// Connections this side closed (a [`Step::Close`]).
-    closed_here: Mutex<Vec<u64>>,
-    log: Mutex<Vec<RawRequest>>,
-}
-
-/// A `TcpListener` whose connections read request heads (and `Content-Length` bodies) and
-/// answer each with the steps the script returns for it.
-struct RawUpstream {
-    addr: SocketAddr,
-    seen: Arc<RawSeen>,
-    accept: JoinHandle<()>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl RawUpstream {
-    async fn start(script: impl Fn(&RawRequest) -> Vec<Step> + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(RawSeen::default());
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let script: Script = Arc::new(script);
-        let (seen_c, seen_count) = (Arc::clone(&seen), Arc::clone(&seen));
-        // `accept_loop` counts a connection, then hands it to `serve`, in one task: the count
-        // as `serve` sees it is that connection's number.
-        let accept = accept_loop(
-            listener,
-            move || {
-                seen_count.accepted.fetch_add(1, Ordering::SeqCst);
-            },
-            Arc::clone(&conns),
-            move |stream| {
-                let n = seen_c.accepted.load(Ordering::SeqCst);
-                tokio::spawn(serve_raw(
-                    stream,
-                    n,
-                    Arc::clone(&script),
-                    Arc::clone(&seen_c),
-                ))
-            },
-        );
-        RawUpstream {
-            addr,
-            seen,
-            accept,
-            conns,
+/// A raw upstream answering `/big` with the steps `big` returns and any other path with
+/// `small`, a balancer routing to it alone, and a client that has sent `GET /big` through it.
+async fn big_requested(
+    big: impl Fn() -> Vec<Step> + Send + Sync + 'static,
+) -> (RawUpstream, Balancer, RawClient) {
+    let up = RawUpstream::start(move |req| {
+        if req.path == "/big" {
+            big()
+        } else {
+            vec![Step::Write(ok_with(b"small"))]
         }
-    }
-
-    fn accepted(&self) -> u64 {
-        self.seen.accepted.load(Ordering::SeqCst)
-    }
-
-    fn closed_by_peer(&self) -> Vec<u64> {
-        self.seen.closed_by_peer.lock().unwrap().clone()
-    }
-
-    fn closed_here(&self) -> Vec<u64> {
-        self.seen.closed_here.lock().unwrap().clone()
-    }
-
-    fn log(&self) -> Vec<RawRequest> {
-        self.seen.log.lock().unwrap().clone()
-    }
-
-    /// A balancer with `cfg` routing service `web` to this upstream alone.
-    async fn balancer(&self, cfg: balancer::Config) -> Balancer {
-        Balancer::with_static(cfg, vec![("web", vec![instance("raw", "web", self.addr)])]).await
-    }
-}
-
-impl Drop for RawUpstream {
-    fn drop(&mut self) {
-        self.accept.abort();
-        if let Ok(mut c) = self.conns.lock() {
-            for t in c.drain(..) {
-                t.abort();
-            }
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn serve_raw(mut s: TcpStream, conn: u64, script: Script, seen: Arc<RawSeen>) {
-    let peer_closed = || seen.closed_by_peer.lock().unwrap().push(conn);
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return peer_closed(),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut words = head.lines().next().unwrap_or("").split(' ');
-        let method = words.next().unwrap_or("").to_string();
-        let path = words.next().unwrap_or("").to_string();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + len {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return peer_closed(),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let req = RawRequest {
-            conn,
-            method,
-            path,
-            body: buf[head_end..head_end + len].to_vec(),
-        };
-        buf.drain(..head_end + len);
-        seen.log.lock().unwrap().push(req.clone());
-        for step in script(&req) {
-            match step {
-                Step::Write(b) => {
-                    if s.write_all(&b).await.is_err() {
-                        return peer_closed();
-                    }
-                }
-                Step::Sleep(d) => tokio::time::sleep(d).await,
-                Step::Close => {
-                    seen.closed_here.lock().unwrap().push(conn);
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// A complete keep-alive `Content-Length` answer.
-fn ok_with(body: &[u8]) -> Vec<u8> {
-    let mut w = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    w.extend_from_slice(body);
-    w
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw client
-// ---------------------------------------------------------------------------------------------
-
-/// A response read off a raw socket (`Content-Length` framing only).
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// An HTTP/1.1 client on a bare socket, so that the test decides when it reads.
-struct RawClient {
-    s: TcpStream,
-    /// Bytes read and not yet consumed by a response.
-    buf: Vec<u8>,
-}
-
-impl RawClient {
-    async fn connect(addr: SocketAddr) -> Self {
-        RawClient {
-            s: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-
-    /// Reads more bytes, or panics at the end of the stream or after [`DEADLINE`].
-    async fn more(&mut self, what: &str) {
-        let mut chunk = vec![0u8; 64 * 1024];
-        let n = timeout(DEADLINE, self.s.read(&mut chunk))
-            .await
-            .unwrap_or_else(|_| panic!("no bytes of {what} within {DEADLINE:?}"))
-            .unwrap_or_else(|e| panic!("reading {what}: {e}"));
-        assert!(
-            n > 0,
-            "connection closed while reading {what}; buffered: {:?}",
-            String::from_utf8_lossy(&self.buf[..self.buf.len().min(400)])
-        );
-        self.buf.extend_from_slice(&chunk[..n]);
-    }
-
-    /// Reads one response with a `Content-Length` body.
-    async fn response(&mut self) -> RawResponse {
-        let (head_len, status, len) = loop {
-            let mut hs = [httparse::EMPTY_HEADER; 64];
-            let mut r = httparse::Response::new(&mut hs);
-            let parsed = r.parse(&self.buf).unwrap_or_else(|e| {
-                panic!(
-                    "malformed response head ({e}): {:?}",
-                    String::from_utf8_lossy(&self.buf[..self.buf.len().min(400)])
-                )
-            });
-            if let httparse::Status::Complete(n) = parsed {
-                let len: usize = r
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .map(|h| {
-                        std::str::from_utf8(h.value)
-                            .unwrap()
-                            .trim()
-                            .parse()
-                            .unwrap()
-                    })
-                    .expect("a content-length response");
-                break (n, r.code.unwrap(), len);
-            }
-            self.more("a response head").await;
-        };
-        let end = head_len + len;
-        while self.buf.len() < end {
-            self.more("a response body").await;
-        }
-        let body = self.buf[head_len..end].to_vec();
-        self.buf.drain(..end);
-        RawResponse { status, body }
-    }
-
-    /// Asserts that for `d` nothing arrives: no byte, and no end of stream.
-    async fn expect_silence(&mut self, d: Duration, why: &str) {
-        let mut chunk = [0u8; 4096];
-        match timeout(d, self.s.read(&mut chunk)).await {
-            Err(_) => {}
-            Ok(Ok(0)) => panic!("{why}: the connection was closed"),
-            Ok(Ok(n)) => panic!(
-                "{why}: got {:?}",
-                String::from_utf8_lossy(&chunk[..n.min(400)])
-            ),
-            Ok(Err(e)) => panic!("{why}: read failed: {e}"),
-        }
-    }
-}
-
-fn get_req(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n\r\n").into_bytes()
-}
-
-/// The `/status` entry of instance `id` of service `web`.
-async fn instance_status(lb: &Balancer, id: &str) -> serde_json::Value {
-    let s = lb.service_status("web").await;
-    s["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["id"] == id)
-        .unwrap_or_else(|| panic!("instance {id} in /status: {s}"))
-        .clone()
+    })
+    .await;
+    let lb = up.balancer().await;
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(&get_req("/big")).await;
+    (up, lb, c)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,7 +65,7 @@ async fn connection_cap_holds_excess_clients_until_a_slot_frees() {
     let mut c2 = RawClient::connect(lb.addr).await;
     for (i, c) in [&mut c1, &mut c2].into_iter().enumerate() {
         c.send(&get_req("/")).await;
-        let r = c.response().await;
+        let r = c.length_response().await;
         assert_eq!(r.status, 200, "client {}: {r:?}", i + 1);
         assert_eq!(r.text(), "b1");
     }
@@ -373,7 +86,7 @@ async fn connection_cap_holds_excess_clients_until_a_slot_frees() {
     );
 
     drop(c1);
-    let r = timeout(Duration::from_secs(10), c3.response())
+    let r = timeout(Duration::from_secs(10), c3.length_response())
         .await
         .expect("the third client is answered once a slot frees");
     assert_eq!(r.status, 200, "{r:?}");
@@ -382,7 +95,7 @@ async fn connection_cap_holds_excess_clients_until_a_slot_frees() {
 
     // The idle second client kept its slot and is served as before.
     c2.send(&get_req("/")).await;
-    let r = c2.response().await;
+    let r = c2.length_response().await;
     assert_eq!(r.status, 200, "{r:?}");
     lb.stop().await;
 }
@@ -395,7 +108,7 @@ async fn idle_pooled_upstream_sockets_expire() {
     let up = RawUpstream::start(|req| vec![Step::Write(ok_with(req.method.as_bytes()))]).await;
     let mut cfg = config(&["web"]);
     cfg.pool_idle_timeout = Duration::from_millis(300);
-    let lb = up.balancer(cfg).await;
+    let lb = up.balancer_with(cfg).await;
     let mut conn = H1Conn::connect(lb.addr).await.unwrap();
 
     let t0 = Instant::now();
@@ -409,14 +122,14 @@ async fn idle_pooled_upstream_sockets_expire() {
     let elapsed = t0.elapsed();
     if elapsed < Duration::from_millis(250) {
         assert_eq!(
-            up.accepted(),
+            up.connections(),
             1,
             "a fresh pooled socket is reused (two requests within {elapsed:?})"
         );
     } else {
         println!("skipping the reuse check: two requests took {elapsed:?}");
     }
-    let first = up.accepted();
+    let first = up.connections();
 
     // The upstream never closes on its own: any close is the balancer's.
     eventually(
@@ -430,7 +143,7 @@ async fn idle_pooled_upstream_sockets_expire() {
 
     let a = conn.get("/", &[]).await.unwrap();
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    assert_eq!(up.accepted(), first + 1, "a new upstream connection");
+    assert_eq!(up.connections(), first + 1, "a new upstream connection");
     let log = up.log();
     assert_eq!(log.len(), 3, "{log:?}");
     assert_eq!(log[2].conn, first + 1, "{log:?}");
@@ -442,33 +155,18 @@ async fn idle_pooled_upstream_sockets_expire() {
 /// retried) goes over a fresh connection, reaches the instance once, and gets 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_closing_an_idle_pooled_socket() {
-    let up = RawUpstream::start(|req| {
-        let body = format!("{} {}", req.method, req.body.len());
-        vec![
-            Step::Write(ok_with(body.as_bytes())),
-            Step::Sleep(Duration::from_millis(100)),
-            Step::Close,
-        ]
-    })
-    .await;
-    let lb = up.balancer(config(&["web"])).await;
+    let up = RawUpstream::start(answer_then_close("", Duration::from_millis(100))).await;
+    let lb = up.balancer().await;
     let mut conn = H1Conn::connect(lb.addr).await.unwrap();
 
-    let a = conn.get("/", &[]).await.unwrap();
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    assert_eq!(a.text(), "GET 0");
+    get_answered(&mut conn).await;
     eventually(DEADLINE, "the instance to close its connection", || async {
         (up.closed_here() == vec![1]).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let req = request(Method::POST, lb.addr, "/submit")
-        .body(Full::new(Bytes::from_static(b"a small body")))
-        .unwrap();
-    let a = conn.send(req).await.unwrap();
-    assert_eq!(a.status, StatusCode::OK, "POST: {}", a.text());
-    assert_eq!(a.text(), "POST 12");
+    post_answered(&mut conn, lb.addr, "/submit").await;
 
     let log = up.log();
     let posts: Vec<&RawRequest> = log.iter().filter(|r| r.method == "POST").collect();
@@ -478,12 +176,12 @@ async fn instance_closing_an_idle_pooled_socket() {
         "the POST reached the instance once: {log:?}"
     );
     assert_eq!(posts[0].path, "/submit");
-    assert_eq!(posts[0].body, b"a small body");
+    assert_eq!(posts[0].body, SMALL_BODY);
     assert_eq!(
         posts[0].conn, 2,
         "the POST came on a fresh connection: {log:?}"
     );
-    assert_eq!(up.accepted(), 2);
+    assert_eq!(up.connections(), 2);
     lb.stop().await;
 }
 
@@ -563,14 +261,14 @@ async fn connect_timeout_moves_the_request_to_the_next_instance() {
     }
     assert_eq!(ok.hits(), 6);
 
-    let h = instance_status(&lb, "hole").await;
+    let h = lb.instance_status("web", "hole").await;
     assert!(
         h["ejections"].as_u64().unwrap() >= 1,
         "the black hole was ejected: {h}"
     );
     assert!(h["failures"].as_u64().unwrap() >= 1, "{h}");
     assert_eq!(h["requests"], 0, "{h}");
-    let o = instance_status(&lb, "ok").await;
+    let o = lb.instance_status("web", "ok").await;
     assert_eq!(o["requests"], 6, "{o}");
     assert_eq!(o["failures"], 0, "{o}");
     assert_eq!(o["ejections"], 0, "{o}");
@@ -585,27 +283,16 @@ async fn connect_timeout_moves_the_request_to_the_next_instance() {
 async fn slow_reader_gets_a_large_body_intact() {
     let big = Arc::new(random_bytes(8 << 20));
     let big_c = Arc::clone(&big);
-    let up = RawUpstream::start(move |req| {
-        if req.path == "/big" {
-            vec![Step::Write(ok_with(&big_c))]
-        } else {
-            vec![Step::Write(ok_with(b"small"))]
-        }
-    })
-    .await;
-    let lb = up.balancer(config(&["web"])).await;
-    let mut c = RawClient::connect(lb.addr).await;
-
-    c.send(&get_req("/big")).await;
+    let (up, lb, mut c) = big_requested(move || vec![Step::Write(ok_with(big_c.as_slice()))]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = c.response().await;
+    let r = c.length_response().await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), big.len());
     assert_eq!(digest(&r.body), digest(&big), "the body arrived intact");
     assert!(c.buf.is_empty(), "nothing after the body");
 
     c.send(&get_req("/small")).await;
-    let r = c.response().await;
+    let r = c.length_response().await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), "small");
     assert_eq!(up.log().len(), 2);
@@ -619,29 +306,21 @@ async fn slow_reader_gets_a_large_body_intact() {
 async fn client_gone_mid_response_retires_the_upstream_connection() {
     const PIECE: usize = 64 * 1024;
     const PIECES: usize = 64;
-    let up = RawUpstream::start(|req| {
-        if req.path == "/big" {
-            let mut steps = vec![Step::Write(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    PIECE * PIECES
-                )
-                .into_bytes(),
-            )];
-            for i in 0..PIECES {
-                steps.push(Step::Write(vec![b'a' + (i % 26) as u8; PIECE]));
-                steps.push(Step::Sleep(Duration::from_millis(10)));
-            }
-            steps
-        } else {
-            vec![Step::Write(ok_with(b"small"))]
+    let (up, lb, mut c) = big_requested(|| {
+        let mut steps = vec![Step::Write(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                PIECE * PIECES
+            )
+            .into_bytes(),
+        )];
+        for i in 0..PIECES {
+            steps.push(Step::Write(vec![b'a' + (i % 26) as u8; PIECE]));
+            steps.push(Step::Sleep(Duration::from_millis(10)));
         }
+        steps
     })
     .await;
-    let lb = up.balancer(config(&["web"])).await;
-
-    let mut c = RawClient::connect(lb.addr).await;
-    c.send(&get_req("/big")).await;
     while c.buf.len() < 2 * PIECE {
         c.more("the start of the big body").await;
     }
@@ -657,10 +336,10 @@ async fn client_gone_mid_response_retires_the_upstream_connection() {
 
     let mut c = RawClient::connect(lb.addr).await;
     c.send(&get_req("/small")).await;
-    let r = c.response().await;
+    let r = c.length_response().await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), "small");
-    assert_eq!(up.accepted(), 2, "the cut-off connection was not reused");
+    assert_eq!(up.connections(), 2, "the cut-off connection was not reused");
     let log = up.log();
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(log[1].conn, 2, "{log:?}");

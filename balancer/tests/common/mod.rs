@@ -1,10 +1,13 @@
 //! Helpers shared by the balancer's integration tests: small hyper backends on `127.0.0.1:0`
 //! that answer with their own name (and can echo, hash, report headers, be slow, or be killed
 //! for real), the balancer run in-process, the embedded Consul dev agent, HTTP clients, a steady
-//! load generator, and polling with a deadline instead of fixed sleeps.
+//! load generator, and polling with a deadline instead of fixed sleeps; in [`raw`], a scripted
+//! upstream and a client that speak HTTP/1 over bare sockets.
 //!
 //! Everything started here is stopped on drop, pass or fail.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod raw;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -140,26 +143,19 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
-    accept: Option<JoinHandle<()>>,
-    /// Every connection task ever spawned (finished ones pruned), so `kill` can close them.
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    server: Server,
 }
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let name_c: Arc<str> = name.into();
         let seen_c = Arc::clone(&seen);
         let seen_count = Arc::clone(&seen);
-        let accept = accept_loop(
-            listener,
+        let server = Server::start(
             move || {
                 seen_count.connections.fetch_add(1, Ordering::Relaxed);
             },
-            Arc::clone(&conns),
             move |stream| {
                 let (name, seen) = (Arc::clone(&name_c), Arc::clone(&seen_c));
                 let svc = hyper::service::service_fn(move |req| {
@@ -172,13 +168,13 @@ impl Backend {
                         .await;
                 })
             },
-        );
+        )
+        .await;
         Backend {
             name: name.to_string(),
-            addr,
+            addr: server.addr,
             seen,
-            accept: Some(accept),
-            conns,
+            server,
         }
     }
 
@@ -210,6 +206,39 @@ impl Backend {
     /// Dies like a killed process: stops accepting, closes the listener and every open
     /// connection, and returns once all of that has happened.
     pub async fn kill(&mut self) {
+        self.server.kill().await;
+    }
+}
+
+/// A listener on `127.0.0.1:0` and every task serving it (see [`accept_loop`]); all of them
+/// are stopped on drop.
+pub struct Server {
+    pub addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    /// Every connection task ever spawned (finished ones pruned), so `kill` can close them.
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Server {
+    /// Binds `127.0.0.1:0` and serves it with [`accept_loop`].
+    pub async fn start(
+        accepted: impl Fn() + Send + 'static,
+        serve: impl Fn(TcpStream) -> JoinHandle<()> + Send + 'static,
+    ) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = accept_loop(listener, accepted, Arc::clone(&conns), serve);
+        Server {
+            addr,
+            accept: Some(accept),
+            conns,
+        }
+    }
+
+    /// Stops accepting, closes the listener and every open connection, and returns once all
+    /// of that has happened.
+    pub async fn kill(&mut self) {
         if let Some(t) = self.accept.take() {
             t.abort();
             // Dropping the aborted accept future drops (closes) the listener.
@@ -224,7 +253,7 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
+impl Drop for Server {
     fn drop(&mut self) {
         if let Some(t) = self.accept.take() {
             t.abort();
@@ -240,7 +269,7 @@ impl Drop for Backend {
 /// Accepts on `listener` until aborted. Each connection (with TCP_NODELAY) is counted by
 /// `accepted` and served by the task `serve` spawns, which is kept in `conns` so that a
 /// test can close every connection, as a dying process would.
-pub fn accept_loop(
+fn accept_loop(
     listener: TcpListener,
     accepted: impl Fn() + Send + 'static,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -466,13 +495,13 @@ impl Balancer {
     /// The status object of `service`.
     pub async fn service_status(&self, service: &str) -> serde_json::Value {
         let st = self.status().await;
-        st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap_or_else(|| panic!("{service} in /status: {st}"))
-            .clone()
+        entry(&st, "services", "name", service)
+    }
+
+    /// The status object of instance `id` of `service`.
+    pub async fn instance_status(&self, service: &str, id: &str) -> serde_json::Value {
+        let s = self.service_status(service).await;
+        entry(&s, "instances", "id", id)
     }
 
     /// IDs of the instances `service` currently routes to, per `/status`.
@@ -516,6 +545,17 @@ impl Balancer {
                 .expect("the balancer returned Ok");
         }
     }
+}
+
+/// The element of the array `v[list]` whose `key` is `want`; panics, showing `v`, if none is.
+fn entry(v: &serde_json::Value, list: &str, key: &str, want: &str) -> serde_json::Value {
+    v[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e[key] == want)
+        .unwrap_or_else(|| panic!("{want} in {list} of /status: {v}"))
+        .clone()
 }
 
 impl Drop for Balancer {
