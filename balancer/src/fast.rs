@@ -234,10 +234,36 @@ struct Exchange {
     close: bool,
     started: Instant,
     attempt: Option<Attempt>,
-    backend: Option<Arc<Backend>>,
     up: Option<Upstream>,
     last_error: Option<String>,
     relay: Option<Relay>,
+}
+
+impl Exchange {
+    /// The instance of the current attempt.
+    fn backend(&self) -> Option<&Arc<Backend>> {
+        self.attempt.as_ref().map(|a| &self.backends.list[a.index])
+    }
+
+    /// When the answer must have begun: the first attempt's clock starts with the request.
+    fn upstream_deadline(&self, now: Instant, timeout: Duration) -> Instant {
+        let first = self.attempt.as_ref().is_some_and(|a| a.first);
+        let start = if first { self.started } else { now };
+        start + timeout
+    }
+
+    /// Remembers why an attempt at `backend` failed, for the 502 if no attempt succeeds.
+    fn note_failure(&mut self, backend: &Backend, cause: impl std::fmt::Display) {
+        self.last_error = Some(format!("{}: {cause}", backend.authority));
+    }
+
+    /// The answer when no attempt succeeded.
+    fn all_failed(&mut self) -> ProxyError {
+        ProxyError::AllFailed {
+            service: self.service.name.clone(),
+            last: self.last_error.take(),
+        }
+    }
 }
 
 struct Relay {
@@ -664,7 +690,7 @@ impl Engine {
             }
             Some(Slot::Driving) | None => return,
         };
-        self.drive(client, None);
+        self.drive(client, false);
     }
 
     fn fire_timers(&mut self) {
@@ -673,7 +699,7 @@ impl Engine {
                 Some(Slot::Client(c)) if c.gen == gen && c.timer.armed == Some(at) => {
                     c.timer.armed = None;
                     if c.deadline <= self.now {
-                        self.drive(key, Some(at));
+                        self.drive(key, true);
                     } else {
                         let d = c.deadline;
                         self.timers.arm(&mut c.timer, d, key, gen);
@@ -695,16 +721,17 @@ impl Engine {
 
     /// Runs client `key`'s state machine as far as it goes; `timed_out` when its deadline
     /// passed.
-    fn drive(&mut self, key: usize, timed_out: Option<Instant>) {
+    fn drive(&mut self, key: usize, timed_out: bool) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
         let Slot::Client(mut c) = std::mem::replace(slot, Slot::Driving) else {
             return;
         };
-        let early = match timed_out {
-            Some(_) => self.on_timeout(key, &mut c),
-            None => None,
+        let early = if timed_out {
+            self.on_timeout(key, &mut c)
+        } else {
+            None
         };
         let step = match early {
             Some(s) => s,
@@ -913,7 +940,6 @@ impl Engine {
             close,
             started: self.now,
             attempt: None,
-            backend: None,
             up: None,
             last_error: None,
             relay: None,
@@ -930,17 +956,12 @@ impl Engine {
                 return Some(Step::Close);
             };
             let Some(attempt) = attempts.next(&x.service, &x.backends) else {
-                let e = ProxyError::AllFailed {
-                    service: x.service.name.clone(),
-                    last: x.last_error.take(),
-                };
+                let e = x.all_failed();
                 return self.fail(c, &e);
             };
             let backend = Arc::clone(&x.backends.list[attempt.index]);
             let fresh = attempt.fresh;
-            let first = attempt.first;
             x.attempt = Some(attempt);
-            x.backend = Some(Arc::clone(&backend));
             let addr = match backend.socket_addr() {
                 Ok(a) => a,
                 Err(e) => {
@@ -963,18 +984,16 @@ impl Engine {
                     }
                 },
             };
-            c.deadline = if !up.connected {
-                self.now + connect_timeout
-            } else if first {
-                // The first attempt starts with the request.
-                c.exchange.as_ref().map_or(self.now, |x| x.started) + upstream_timeout
-            } else {
-                self.now + upstream_timeout
+            let Some(x) = c.exchange.as_mut() else {
+                return Some(Step::Close);
             };
+            c.deadline = if up.connected {
+                x.upstream_deadline(self.now, upstream_timeout)
+            } else {
+                self.now + connect_timeout
+            };
+            x.up = Some(up);
             c.ubuf.clear();
-            if let Some(x) = c.exchange.as_mut() {
-                x.up = Some(up);
-            }
             c.state = State::Upstream;
             return None;
         }
@@ -987,13 +1006,15 @@ impl Engine {
         if let Some(up) = x.up.take() {
             self.close_upstream(up);
         }
-        let Some(backend) = &x.backend else { return };
+        let Some(backend) = x.backend().cloned() else {
+            return;
+        };
         backend.record_connect_failure();
         tracing::warn!(service = %x.service.name, instance = %backend.instance.id, addr = %backend.authority, error = %cause, "connect failed; instance ejected for a cool-off");
-        x.last_error = Some(format!("{}: {cause}", backend.authority));
+        x.note_failure(&backend, cause);
     }
 
-    /// Connecting, sending, or reading the response head. `None`: the state changed.
+    /// Connecting, sending, or reading the response head. `None`: progress; drive on.
     fn at_upstream(&mut self, key: usize, c: &mut Client) -> Option<Step> {
         let max_header_bytes = self.app.config.max_header_bytes;
         let Some(x) = c.exchange.as_mut() else {
@@ -1025,12 +1046,12 @@ impl Engine {
                 }
             }
             up.connected = true;
-            if let Some(b) = &x.backend {
+            if let Some(b) = x.backend() {
                 b.record_connect_success();
             }
-            let first = x.attempt.as_ref().is_some_and(|a| a.first);
-            c.deadline =
-                if first { x.started } else { self.now } + self.app.config.upstream_timeout;
+            c.deadline = x.upstream_deadline(self.now, self.app.config.upstream_timeout);
+            // Connected: the step loop comes back here to send.
+            return None;
         }
         while up.written < c.req_out.len() {
             if !up.writable {
@@ -1050,7 +1071,7 @@ impl Engine {
                 match parsed {
                     Ok(ParsedResponse::Response(r)) => {
                         c.ubuf.consume(r.head_len);
-                        let Some(backend) = x.backend.as_ref() else {
+                        let Some(backend) = x.backend() else {
                             return Some(Step::Close);
                         };
                         backend.record_status(r.status);
@@ -1119,9 +1140,10 @@ impl Engine {
         if let Some(up) = x.up.take() {
             self.close_upstream(up);
         }
-        let (Some(backend), Some(attempt), Some(attempts)) =
-            (x.backend.clone(), x.attempt.take(), c.attempts.as_mut())
-        else {
+        let (Some(backend), Some(attempts)) = (x.backend().cloned(), c.attempts.as_mut()) else {
+            return Some(Step::Close);
+        };
+        let Some(attempt) = x.attempt.take() else {
             return Some(Step::Close);
         };
         backend.failures.fetch_add(1, Ordering::Relaxed);
@@ -1134,30 +1156,24 @@ impl Engine {
                 return self.fail(c, &e);
             }
             Failure::Unsent(e) => {
-                x.last_error = Some(format!("{}: {e}", backend.authority));
+                x.note_failure(&backend, e);
                 attempts.unsent(&backend, &attempt, reused);
                 return self.next_attempt(key, c);
             }
             Failure::Malformed(cause) => {
                 // The instance answered, but not in HTTP: no retry, like any answer.
-                x.last_error = Some(format!("{}: {cause}", backend.authority));
-                let e = ProxyError::AllFailed {
-                    service: x.service.name.clone(),
-                    last: x.last_error.take(),
-                };
+                x.note_failure(&backend, cause);
+                let e = x.all_failed();
                 return self.fail(c, &e);
             }
             Failure::Sent(cause) => cause,
         };
-        x.last_error = Some(format!("{}: {cause}", backend.authority));
+        x.note_failure(&backend, &cause);
         if attempts.may_resend(x.replayable, &backend, &attempt, reused) {
             tracing::debug!(service = %x.service.name, instance = %backend.instance.id, %cause, "retrying an idempotent request");
             return self.next_attempt(key, c);
         }
-        let e = ProxyError::AllFailed {
-            service: x.service.name.clone(),
-            last: x.last_error.take(),
-        };
+        let e = x.all_failed();
         self.fail(c, &e)
     }
 
@@ -1248,7 +1264,7 @@ impl Engine {
                 if let Some(up) = x.up.take() {
                     if reusable {
                         // Read exactly to its end: clean, whatever the client does next.
-                        let epoch = x.backend.as_ref().map_or(0, |b| b.pool_epoch());
+                        let epoch = x.backend().map_or(0, |b| b.pool_epoch());
                         self.checkin(up, epoch);
                     } else {
                         self.close_upstream(up);
