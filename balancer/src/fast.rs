@@ -34,6 +34,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use discovery::serve::H2_PREFACE;
+
 pub use crate::http1::MAX_BUFFERED_BODY;
 use crate::http1::{
     encode_local, parse_request, parse_response, BodyEnd, Framing, Parsed, ParsedResponse, Request,
@@ -54,7 +56,6 @@ const UPSTREAM_READ_SPACE: usize = 8 * 1024;
 const MAX_READ_SPACE: usize = 64 * 1024;
 /// How often a paused accept loop (connection cap reached, or accept failing) tries again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A connection the fast path passes to the hyper path.
 pub struct Handoff {

@@ -187,9 +187,9 @@ pub async fn run(
     let admin_task =
         admin.map(|l| tokio::spawn(admin::serve(Arc::clone(&app), l, stop_rx.clone())));
 
-    // One builder per protocol rather than hyper-util's auto builder: the connection task
-    // already peeks at the first bytes (see `detect_protocol`), and serving HTTP/1 directly
-    // saves the auto builder's replay layer on every read.
+    // One builder per protocol rather than hyper-util's auto builder: the fast path already
+    // told HTTP/2 from HTTP/1 by the first bytes, and serving HTTP/1 directly saves the auto
+    // builder's replay layer on every read.
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // One flat write per response instead of writev: small answers dominate, and the copy is
     // cheaper than the kernel's iovec handling (measured ~4% more requests per CPU-second).

@@ -45,6 +45,9 @@ pub async fn accept<F: Future<Output = ()>>(
     }
 }
 
+/// The first bytes of a prior-knowledge HTTP/2 connection (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// The protocol a client speaks, told from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -62,7 +65,6 @@ pub enum Protocol {
 /// that connects and sends nothing (or part of a preface) would hold a connection slot, and
 /// delay a graceful shutdown, forever.
 pub async fn detect_protocol(stream: &tokio::net::TcpStream, within: Duration) -> Option<Protocol> {
-    const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; 24];
     tokio::time::timeout(within, async {
         loop {
