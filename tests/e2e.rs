@@ -308,3 +308,38 @@ async fn members_and_services_commands() {
     assert!(names.contains(&SERVICE), "{out}");
     eprintln!("members/services: {:?}", started.elapsed());
 }
+
+/// The admin listener cannot starve the proxy port of file descriptors: with the balancer's
+/// file limit at 256, 300 silent admin connections leave the proxy answering every request
+/// (before the admin listener had a cap, the proxy port failed with "Too many open files").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_admin_connections_leave_the_proxy_port_alone() {
+    let c = Cluster::start(3).await;
+    let pid = c.balancer.as_ref().unwrap().pid().to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--nofile=256:256", "--pid", &pid])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(limited.success(), "prlimit --nofile=256 --pid {pid}");
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let s = tokio::net::TcpStream::connect(c.admin)
+            .await
+            .unwrap_or_else(|e| panic!("admin connection {i}: {e}"));
+        held.push(s);
+    }
+    // Let the balancer take whatever it is going to take.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answers = c.curl(30).await;
+    let tally = tally(&answers);
+    assert!(
+        tally.len() == 3 && tally.values().all(|n| *n == 10),
+        "no instance was ejected: {tally:?}"
+    );
+    drop(held);
+    // Once they are gone, the admin listener answers again.
+    wait_for("the admin listener answers", DEADLINE, || async {
+        c.status().await.is_some()
+    })
+    .await;
+}

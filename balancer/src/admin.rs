@@ -3,17 +3,18 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
+use crate::idle::IdleTimeout;
 use crate::metrics::label;
 use crate::App;
 
@@ -82,6 +83,10 @@ pub fn status(app: &App) -> serde_json::Value {
         "ready": app.is_ready(),
         "uptime_seconds": app.started.elapsed().as_secs(),
         "connections": app.connections.load(Ordering::Relaxed),
+        "admin": {
+            "connections": app.admin_connections.load(Ordering::Relaxed),
+            "max_connections": app.config.admin_max_connections,
+        },
         "requests_without_route": app.no_route.load(Ordering::Relaxed),
         "http1_handoffs": app.handoffs.load(Ordering::Relaxed),
         "services": services,
@@ -236,30 +241,42 @@ pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves the admin API until `stop` flips.
+/// Serves the admin API until `stop` flips. Bounded like the proxy port: at most
+/// `admin_max_connections` open (the rest wait in the listen backlog, holding no file
+/// descriptor of ours), a request head within `header_read_timeout` (hyper's timer also runs
+/// while a keep-alive connection waits for its next request), and no connection that moves no
+/// byte for `admin_idle_timeout`.
 pub async fn serve(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "admin listening (/status, /metrics, /health)");
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.changed() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    tracing::info!(addr = ?listener.local_addr().ok(), max_connections = app.config.admin_max_connections, "admin listening (/, /status, /metrics, /health)");
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_read_timeout)
+        .keep_alive(true);
+    let h1 = Arc::new(h1);
+    let permits = Arc::new(Semaphore::new(app.config.admin_max_connections));
+    let stopped = async move {
+        let _ = stop.changed().await;
+    };
+    tokio::pin!(stopped);
+    while let Some((permit, stream, peer)) =
+        discovery::serve::accept(&listener, &permits, &mut stopped).await
+    {
         let app = Arc::clone(&app);
+        let h1 = Arc::clone(&h1);
+        app.admin_connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let idle = app.config.admin_idle_timeout;
+            let counted = Arc::clone(&app);
             let svc = hyper::service::service_fn(move |req| {
                 let r = handle(&app, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let io = TokioIo::new(IdleTimeout::new(stream, idle));
+            if let Err(e) = h1.serve_connection(io, svc).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+            counted.admin_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
         });
     }
 }

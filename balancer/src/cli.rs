@@ -30,6 +30,14 @@ pub struct Args {
     /// Address of the admin listener (/status, /metrics, /health); `off` disables it.
     #[arg(long, env = "BALANCER_ADMIN", default_value = "127.0.0.1:8081")]
     pub admin: String,
+    /// Most admin connections open at once; more wait in the listen backlog (they cost the
+    /// balancer no file descriptor, so they cannot starve the proxy port).
+    #[arg(long, env = "BALANCER_ADMIN_MAX_CONNECTIONS", default_value_t = config::DEFAULT_ADMIN_MAX_CONNECTIONS)]
+    pub admin_max_connections: usize,
+    /// An admin connection on which no byte moves for this long is closed. A request head
+    /// must arrive within --header-read-timeout, as on the proxy port.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub admin_idle_timeout: Duration,
     /// Consul agent HTTP address (`host:port` or `http://host:port`).
     #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = discovery::client::DEFAULT_ADDR)]
     pub consul_addr: String,
@@ -82,6 +90,14 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     if cli.max_connections == 0 {
         return usage("--max-connections must be at least 1");
     }
+    if cli.admin_max_connections == 0 {
+        return usage("--admin-max-connections must be at least 1");
+    }
+    if cli.admin_idle_timeout.is_zero() {
+        return usage("--admin-idle-timeout must be more than 0");
+    }
+    config.admin_max_connections = cli.admin_max_connections;
+    config.admin_idle_timeout = cli.admin_idle_timeout;
     config.connect_timeout = cli.connect_timeout;
     config.upstream_timeout = cli.upstream_timeout;
     config.header_read_timeout = cli.header_read_timeout;

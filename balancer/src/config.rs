@@ -19,6 +19,13 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default largest request head (bytes) a client may send.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default cap on open admin connections: the admin listener serves a few operators and
+/// scrapers; past the cap, connections wait in the listen backlog and cost no file descriptor,
+/// so they cannot starve the proxy port.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default time an admin connection may sit with no byte moving either way (a client that
+/// stops reading its answer); waiting for a request head is bounded by the header-read timeout.
+pub const DEFAULT_ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of extra attempts for idempotent requests that failed after being sent.
 pub const DEFAULT_RETRIES: u32 = 2;
 
@@ -109,6 +116,10 @@ pub struct Config {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub retries: u32,
+    /// Most admin connections open at once.
+    pub admin_max_connections: usize,
+    /// An admin connection on which nothing moves for this long is closed.
+    pub admin_idle_timeout: Duration,
     /// Consul blocking-query wait for the watchers.
     pub watch_wait: Duration,
 }
@@ -145,6 +156,8 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             retries: DEFAULT_RETRIES,
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            admin_idle_timeout: DEFAULT_ADMIN_IDLE_TIMEOUT,
             watch_wait: discovery::watch::DEFAULT_WAIT,
         })
     }

@@ -26,6 +26,7 @@ pub mod config;
 mod deadline;
 pub mod fast;
 mod http1;
+mod idle;
 pub mod metrics;
 mod prefixed;
 pub mod proxy;
@@ -62,6 +63,8 @@ pub struct App {
     pub connections: AtomicU64,
     /// HTTP/1 connections the fast path handed to hyper (see [`fast`]).
     pub handoffs: AtomicU64,
+    /// Admin connections open.
+    pub admin_connections: AtomicU64,
     pub started: Instant,
 }
 
@@ -92,6 +95,7 @@ impl App {
             no_route: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
+            admin_connections: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
