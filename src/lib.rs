@@ -104,6 +104,11 @@ impl Plan {
         })
     }
 
+    /// The Consul service ID of worker `n` (1-based).
+    fn worker_id(&self, n: usize) -> String {
+        format!("{}-{n}", self.service)
+    }
+
     /// Every address the launcher will bind, with what binds it.
     fn ports(&self) -> Vec<(SocketAddr, String)> {
         let mut out = Vec::new();
@@ -137,8 +142,9 @@ fn check_ports(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn(name: &str, args: &[String]) -> Result<Proc, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+fn spawn(name: &str, args: &[String]) -> Result<Proc, StartError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| StartError::Spawn(format!("cannot find my own executable: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env(SUPERVISED_ENV, "1")
@@ -155,7 +161,7 @@ fn spawn(name: &str, args: &[String]) -> Result<Proc, String> {
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {name}: {e}"))?;
+        .map_err(|e| StartError::Spawn(format!("cannot start {name}: {e}")))?;
     for (stream, out) in [
         (
             child
@@ -195,6 +201,11 @@ fn spawn(name: &str, args: &[String]) -> Result<Proc, String> {
 
 /// A bare HTTP/1.0 GET on loopback for readiness probes; the status code, if any.
 async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(code, _)| code)
+}
+
+/// A bare HTTP/1.0 GET on loopback: the status code and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::AsyncWriteExt;
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -203,8 +214,10 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
             .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
-        let head = String::from_utf8_lossy(&buf);
-        head.split_whitespace().nth(1)?.parse().ok()
+        let text = String::from_utf8_lossy(&buf);
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Some((code, body.to_string()))
     };
     tokio::time::timeout(Duration::from_secs(2), fut)
         .await
@@ -248,28 +261,53 @@ async fn stop_all(procs: &mut [Proc], grace: Duration) {
     }
 }
 
+/// Why the launcher could not bring the cluster up, with its exit code.
+#[derive(Debug)]
+enum StartError {
+    /// A child process could not be started (`EX_OSERR`).
+    Spawn(String),
+    /// A component did not come up, or died while starting (`EX_UNAVAILABLE`).
+    NotUp(String),
+    /// Ctrl-C or SIGTERM while starting: stop what runs and exit 0.
+    Interrupted,
+}
+
 /// Runs the launcher until Ctrl-C / SIGTERM (`shutdown`), or until the agent or balancer dies.
 pub async fn launch(args: LaunchArgs, shutdown: impl Future<Output = ()>) -> ExitCode {
+    use discovery::cli::{EXIT_OSERR, EXIT_UNAVAILABLE, EXIT_USAGE};
     let plan = match Plan::new(&args) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("cluster: {e}");
-            return ExitCode::from(discovery::cli::EXIT_USAGE);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     if let Err(e) = check_ports(&plan) {
         eprintln!("cluster: {e}");
-        return ExitCode::from(1);
+        return ExitCode::from(EXIT_UNAVAILABLE);
     }
     let mut agent: Vec<Proc> = Vec::new();
     let mut workers: Vec<Proc> = Vec::new();
     let mut balancer: Vec<Proc> = Vec::new();
-    let result = start(&plan, &mut agent, &mut workers, &mut balancer).await;
+    tokio::pin!(shutdown);
+    let result = start(
+        &plan,
+        &mut agent,
+        &mut workers,
+        &mut balancer,
+        &mut shutdown,
+    )
+    .await;
     let code = match result {
-        Err(e) => {
+        Err(StartError::Spawn(e)) => {
             eprintln!("cluster: {e}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_OSERR)
         }
+        Err(StartError::NotUp(e)) => {
+            eprintln!("cluster: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(StartError::Interrupted) => ExitCode::SUCCESS,
         Ok(()) => {
             print_summary(&plan, &agent, &workers, &balancer);
             supervise(&mut agent, &mut workers, &mut balancer, shutdown).await
@@ -284,12 +322,19 @@ pub async fn launch(args: LaunchArgs, shutdown: impl Future<Output = ()>) -> Exi
     code
 }
 
-async fn start(
+/// After this long without every worker in the rotation, the launcher says which one is
+/// missing and why.
+const READY_EXPLAIN_AFTER: Duration = Duration::from_secs(30);
+/// After this long it gives up.
+const READY_GIVE_UP: Duration = Duration::from_secs(120);
+
+async fn start<F: Future<Output = ()>>(
     plan: &Plan,
     agent: &mut Vec<Proc>,
     workers: &mut Vec<Proc>,
     balancer: &mut Vec<Proc>,
-) -> Result<(), String> {
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<(), StartError> {
     if let Some(addr) = plan.agent {
         agent.push(spawn(
             "agent",
@@ -303,7 +348,8 @@ async fn start(
         wait_until("the dev agent", Duration::from_secs(15), || async move {
             http_status(addr, "/v1/status/leader").await == Some(200)
         })
-        .await?;
+        .await
+        .map_err(StartError::NotUp)?;
     }
     for (i, w) in plan.workers.iter().enumerate() {
         let n = i + 1;
@@ -316,7 +362,7 @@ async fn start(
                 "--listen".into(),
                 w.to_string(),
                 "--id".into(),
-                format!("{}-{n}", plan.service),
+                plan.worker_id(n),
                 "--message".into(),
                 format!("hello from worker {n}"),
                 "--consul-addr".into(),
@@ -338,21 +384,226 @@ async fn start(
             plan.consul.clone(),
         ],
     )?);
-    for w in &plan.workers {
-        let w = *w;
-        wait_until(
-            &format!("the worker on {w}"),
-            Duration::from_secs(15),
-            || async move { http_status(w, "/health").await == Some(200) },
-        )
-        .await?;
+    wait_ready(plan, agent, workers, balancer, shutdown).await
+}
+
+/// Waits until every worker passes its check in the agent *and* is in the balancer's
+/// rotation, so that the first requests after the banner already rotate over all of them.
+/// Prints what it waits for whenever that changes; past [`READY_EXPLAIN_AFTER`], which worker
+/// is missing and why (its check's output).
+async fn wait_ready<F: Future<Output = ()>>(
+    plan: &Plan,
+    agent: &mut [Proc],
+    workers: &mut [Proc],
+    balancer: &mut [Proc],
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<(), StartError> {
+    let consul = discovery::ClientConfig::new(&plan.consul)
+        .map(|c| {
+            let token = discovery::client::token_from_env().ok().flatten();
+            discovery::Client::new(c.with_token(token))
+        })
+        .map_err(|e| StartError::NotUp(format!("cannot talk to Consul at {}: {e}", plan.consul)))?;
+    let ids: Vec<String> = (1..=plan.workers.len())
+        .map(|n| plan.worker_id(n))
+        .collect();
+    let started = tokio::time::Instant::now();
+    let mut shown = String::new();
+    let mut explained = false;
+    loop {
+        for p in agent
+            .iter_mut()
+            .chain(workers.iter_mut())
+            .chain(balancer.iter_mut())
+        {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                p.stdin = None;
+                return Err(StartError::NotUp(format!(
+                    "{} exited while the cluster was starting ({status}); its log is above",
+                    p.name
+                )));
+            }
+        }
+        let checks = agent_checks(&consul, &plan.service).await;
+        let routed = balancer_rotation(plan.admin, &plan.service).await;
+        let missing = missing_workers(&ids, checks.as_ref(), routed.as_deref());
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let waiting = format!(
+            "cluster: waiting for {}",
+            missing
+                .iter()
+                .map(|m| format!("{} ({})", m.id, m.state.short()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if waiting != shown {
+            println!("{waiting}");
+            shown = waiting;
+        }
+        let waited = started.elapsed();
+        if waited >= READY_EXPLAIN_AFTER && !explained {
+            explained = true;
+            for m in &missing {
+                println!(
+                    "cluster: after {}s, {} is still missing: {}",
+                    waited.as_secs(),
+                    m.id,
+                    m.state.explain()
+                );
+            }
+        }
+        if waited >= READY_GIVE_UP {
+            let why: Vec<String> = missing
+                .iter()
+                .map(|m| format!("{}: {}", m.id, m.state.explain()))
+                .collect();
+            return Err(StartError::NotUp(format!(
+                "the cluster did not come up within {}s: {}",
+                READY_GIVE_UP.as_secs(),
+                why.join("; ")
+            )));
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return Err(StartError::Interrupted),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
-    let admin = plan.admin;
-    wait_until("the balancer", Duration::from_secs(20), || async move {
-        http_status(admin, "/health").await == Some(200)
-    })
-    .await?;
-    Ok(())
+}
+
+/// One worker's checks in the agent: their aggregated status and outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AgentView {
+    status: String,
+    /// `check name: output` of each check that is not passing.
+    outputs: Vec<String>,
+}
+
+/// Every registered instance of `service` in the agent, by ID; `None` if the agent does not
+/// answer.
+async fn agent_checks(
+    consul: &discovery::Client,
+    service: &str,
+) -> Option<std::collections::BTreeMap<String, AgentView>> {
+    let q = discovery::HealthQuery::default();
+    let answer = tokio::time::timeout(Duration::from_secs(2), consul.health_service(service, &q));
+    let (entries, _) = answer.await.ok()?.ok()?;
+    Some(
+        entries
+            .iter()
+            .map(|e| {
+                let outputs = e
+                    .checks
+                    .iter()
+                    .filter(|c| c.status != "passing")
+                    .map(|c| {
+                        let out = c.output.trim();
+                        let out = if out.is_empty() {
+                            "no output yet (the check has not run)"
+                        } else {
+                            out
+                        };
+                        format!("{} is {}: {out}", c.name, c.status)
+                    })
+                    .collect();
+                let view = AgentView {
+                    status: e.aggregated_status().to_string(),
+                    outputs,
+                };
+                (e.service.id.clone(), view)
+            })
+            .collect(),
+    )
+}
+
+/// The instance IDs of `service` in the balancer's rotation (listed, not ejected), from its
+/// `/status`; `None` while it does not answer.
+async fn balancer_rotation(admin: SocketAddr, service: &str) -> Option<Vec<String>> {
+    let (code, body) = http_get(admin, "/status").await?;
+    if code != 200 {
+        return None;
+    }
+    let st: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let svc = st["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == service)?;
+    Some(
+        svc["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["ejected"] == false)
+            .filter_map(|i| i["id"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// Where a worker that is not in the rotation yet stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    AgentDown,
+    NotRegistered,
+    Checking(AgentView),
+    BalancerDown,
+    NotRouted,
+}
+
+impl Pending {
+    fn short(&self) -> &'static str {
+        match self {
+            Pending::AgentDown => "the agent does not answer",
+            Pending::NotRegistered => "not registered yet",
+            Pending::Checking(_) => "its check is not passing yet",
+            Pending::BalancerDown => "the balancer does not answer yet",
+            Pending::NotRouted => "passing, not in the balancer's rotation yet",
+        }
+    }
+
+    fn explain(&self) -> String {
+        match self {
+            Pending::Checking(v) if !v.outputs.is_empty() => format!(
+                "the agent reports it {}: {}",
+                v.status,
+                v.outputs.join("; ")
+            ),
+            Pending::Checking(v) => format!("the agent reports it {}", v.status),
+            other => other.short().to_string(),
+        }
+    }
+}
+
+/// A worker that is not ready yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Missing {
+    id: String,
+    state: Pending,
+}
+
+/// The workers of `ids` not yet both passing in the agent and routed by the balancer.
+fn missing_workers(
+    ids: &[String],
+    agent: Option<&std::collections::BTreeMap<String, AgentView>>,
+    routed: Option<&[String]>,
+) -> Vec<Missing> {
+    ids.iter()
+        .filter_map(|id| {
+            let state = match agent.map(|a| a.get(id)) {
+                None => Pending::AgentDown,
+                Some(None) => Pending::NotRegistered,
+                Some(Some(v)) if v.status != "passing" => Pending::Checking(v.clone()),
+                Some(Some(_)) => match routed {
+                    None => Pending::BalancerDown,
+                    Some(r) if r.contains(id) => return None,
+                    Some(_) => Pending::NotRouted,
+                },
+            };
+            Some(Missing {
+                id: id.clone(),
+                state,
+            })
+        })
+        .collect()
 }
 
 fn print_summary(plan: &Plan, agent: &[Proc], workers: &[Proc], balancer: &[Proc]) {
@@ -390,6 +641,10 @@ fn print_summary(plan: &Plan, agent: &[Proc], workers: &[Proc], balancer: &[Proc
     println!(
         "  for i in 1 2 3 4 5 6; do curl -s http://{}/; done",
         plan.listen
+    );
+    println!(
+        "  open http://{}/     (the dashboard: instances, traffic, changes, live)",
+        plan.admin
     );
     println!("  curl -s http://{}/status", plan.admin);
     println!("  curl -s http://{}/metrics", plan.admin);
@@ -504,6 +759,45 @@ mod tests {
     #[test]
     fn port_range_checked() {
         assert!(Plan::new(&args(&["--worker-port", "65535", "--workers", "2"])).is_err());
+    }
+
+    #[test]
+    fn missing_workers_say_where_they_stand() {
+        let ids: Vec<String> = ["web-1", "web-2", "web-3"].map(String::from).to_vec();
+        assert_eq!(missing_workers(&ids, None, None).len(), 3, "agent down");
+        let view = |status: &str, outputs: &[&str]| AgentView {
+            status: status.into(),
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        };
+        let agent: std::collections::BTreeMap<String, AgentView> = [
+            ("web-1".to_string(), view("passing", &[])),
+            (
+                "web-2".to_string(),
+                view("critical", &["HTTP check is critical: connection refused"]),
+            ),
+        ]
+        .into();
+        let routed = vec!["web-1".to_string()];
+        let m = missing_workers(&ids, Some(&agent), Some(&routed));
+        assert_eq!(
+            m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["web-2", "web-3"]
+        );
+        assert_eq!(
+            m[0].state.explain(),
+            "the agent reports it critical: HTTP check is critical: connection refused"
+        );
+        assert_eq!(m[1].state, Pending::NotRegistered);
+        // Passing but the balancer has not routed it yet (or does not answer).
+        let agent: std::collections::BTreeMap<String, AgentView> = ids
+            .iter()
+            .map(|id| (id.clone(), view("passing", &[])))
+            .collect();
+        let m = missing_workers(&ids, Some(&agent), Some(&routed));
+        assert!(m.iter().all(|m| m.state == Pending::NotRouted), "{m:?}");
+        let m = missing_workers(&ids, Some(&agent), None);
+        assert!(m.iter().all(|m| m.state == Pending::BalancerDown), "{m:?}");
+        assert!(missing_workers(&ids, Some(&agent), Some(&ids)).is_empty());
     }
 
     #[test]

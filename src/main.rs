@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use discovery::cli::{exit_on_clap_error, init_tracing, parse_or_exit};
+use discovery::cli::{exit_on_clap_error, init_tracing, parse_or_exit, runtime_or_exit};
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
                 Err(e) => exit_on_clap_error(e),
             };
             init_tracing();
-            runtime().block_on(discovery::cli::run(cli, cluster::component_shutdown()))
+            runtime_or_exit().block_on(discovery::cli::run(cli, cluster::component_shutdown()))
         }
         "worker" => {
             args.remove(0);
@@ -41,17 +41,7 @@ fn main() -> ExitCode {
         }
         _ => {
             let launch: cluster::LaunchArgs = parse_or_exit();
-            runtime().block_on(cluster::launch(launch, discovery::cli::shutdown_signal()))
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1)
+            runtime_or_exit().block_on(cluster::launch(launch, discovery::cli::shutdown_signal()))
         }
     }
 }

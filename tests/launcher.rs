@@ -70,8 +70,9 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// `cluster --agent-addr … --listen … --admin … --worker-port …` comes up, rotates requests
-/// over three workers, and on SIGINT exits 0 leaving no process and no bound port behind.
+/// `cluster --agent-addr … --listen … --admin … --worker-port …` comes up, and the first 30
+/// requests after its banner split 10/10/10 over the three workers; on SIGINT it exits 0
+/// leaving no process and no bound port behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launcher_runs_the_cluster_and_stops_cleanly() {
     let started = Instant::now();
@@ -123,29 +124,8 @@ async fn launcher_runs_the_cluster_and_stops_cleanly() {
         assert!(is_ours(*pid), "pid {pid} from the summary runs `cluster`");
     }
 
-    // The launcher waits for the processes; the balancer learns the instances from Consul.
-    let consul = discovery::Client::new(discovery::ClientConfig::new(&agent.to_string()).unwrap());
-    let q = discovery::HealthQuery {
-        passing: true,
-        ..Default::default()
-    };
-    wait_for("three workers pass in the dev agent", DEADLINE, || async {
-        matches!(consul.health_service(SERVICE, &q).await, Ok((e, _)) if e.len() == 3)
-    })
-    .await;
-    wait_for(
-        "the balancer routes to three instances",
-        DEADLINE,
-        || async {
-            let Ok(r) = get(admin, "/status").await else {
-                return false;
-            };
-            let st: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
-            st["services"][0]["instances"].as_array().map(Vec::len) == Some(3)
-        },
-    )
-    .await;
-
+    // The banner comes only once every worker passes in the agent and is in the balancer's
+    // rotation: the very first requests after it rotate over all three.
     let mut answers = Vec::new();
     for i in 0..30 {
         let r = get(listen, "/")
@@ -194,7 +174,8 @@ async fn launcher_runs_the_cluster_and_stops_cleanly() {
     eprintln!("launcher: {:?}", started.elapsed());
 }
 
-/// A port that is already taken: exit code 1 and a message naming it, before anything starts.
+/// A port that is already taken: exit code 69 (EX_UNAVAILABLE) and a message naming it, before
+/// anything starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launcher_names_a_taken_port() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -214,7 +195,7 @@ async fn launcher_names_a_taken_port() {
         DEADLINE,
     )
     .await;
-    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert_eq!(code, 69, "stdout: {out}\nstderr: {err}");
     assert!(
         err.contains(&taken.to_string()) && err.contains("--listen"),
         "the message names the port and its flag: {err}"
@@ -237,4 +218,58 @@ async fn bad_flags_exit_64() {
         assert_eq!(code, 64, "{argv:?}: stdout: {out}\nstderr: {err}");
         assert!(err.contains("error"), "{argv:?}: {err}");
     }
+}
+
+/// Every component exits 69 (EX_UNAVAILABLE) when its address is taken or the agent it asks
+/// does not answer, with a message naming the address: the README's table of exit codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_addresses_exit_69() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    // Bound and closed again: nothing answers there.
+    let dead = free_addr().to_string();
+    let free = || free_addr().to_string();
+    let cases: Vec<Vec<String>> = vec![
+        args(&["agent", "--dev", "--http-addr", &taken]),
+        args(&["worker", "--listen", &taken, "--no-register"]),
+        args(&[
+            "balancer",
+            "--service",
+            "web",
+            "--listen",
+            &taken,
+            "--admin",
+            &free(),
+            "--consul-addr",
+            &dead,
+        ]),
+        args(&[
+            "balancer",
+            "--service",
+            "web",
+            "--listen",
+            &free(),
+            "--admin",
+            &taken,
+            "--consul-addr",
+            &dead,
+        ]),
+        args(&["members", "--http-addr", &dead]),
+        args(&["services", "--http-addr", &dead]),
+    ];
+    for argv in cases {
+        let (code, out, err) = run_to_end("unavailable", &argv, DEADLINE).await;
+        assert_eq!(code, 69, "{argv:?}: stdout: {out}\nstderr: {err}");
+        assert!(!err.contains("panicked"), "{argv:?}: {err}");
+        let named = if argv[0] == "members" || argv[0] == "services" {
+            &dead
+        } else {
+            &taken
+        };
+        assert!(
+            err.contains(named.as_str()),
+            "{argv:?} names {named}: {err}"
+        );
+    }
+    drop(held);
 }

@@ -8,7 +8,7 @@ use std::future::Future;
 
 use crate::config::{self, Config, Route};
 use clap::Parser;
-use discovery::cli::{parse_duration, usage};
+use discovery::cli::{parse_duration, usage, EXIT_OSERR, EXIT_SOFTWARE, EXIT_UNAVAILABLE};
 
 /// A Consul-aware round-robin reverse proxy: routes each request to the next healthy
 /// instance of a Consul service, watching the catalog with blocking queries.
@@ -80,7 +80,8 @@ pub struct Args {
 }
 
 /// Runs the balancer with parsed flags until `shutdown` completes; returns the exit code
-/// (64 for bad configuration, 1 when it cannot start).
+/// (64 for bad configuration, 69 when an address cannot be listened on, 70 when the proxy
+/// fails after starting, 71 when the runtime cannot start; see `discovery::cli::EXIT_*`).
 pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     let routes: Result<Vec<Route>, _> = cli.services.iter().map(|s| Route::parse(s)).collect();
     let mut config = match routes.and_then(Config::new) {
@@ -149,7 +150,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(EXIT_OSERR);
         }
     };
     rt.block_on(async move {
@@ -157,7 +158,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: cannot listen on {} (--listen): {e}", cli.listen);
-                return ExitCode::from(1);
+                return ExitCode::from(EXIT_UNAVAILABLE);
             }
         };
         let admin_listener = match admin {
@@ -165,7 +166,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
                 Ok(l) => Some(l),
                 Err(e) => {
                     eprintln!("error: cannot listen on {a} (--admin): {e}");
-                    return ExitCode::from(1);
+                    return ExitCode::from(EXIT_UNAVAILABLE);
                 }
             },
             None => None,
@@ -189,7 +190,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(1)
+                ExitCode::from(EXIT_SOFTWARE)
             }
         }
     })

@@ -11,8 +11,20 @@ use crate::agent::{AgentConfig, DEFAULT_DEREGISTER_MIN, DEFAULT_REAP_INTERVAL};
 use crate::client::{Client, ClientConfig, DEFAULT_ADDR};
 use crate::wire::Member;
 
-/// Exit code for bad flags or configuration (BSD `EX_USAGE`).
+// Exit codes, the same in every binary of the project (`sysexits.h`); the README's table
+// "Exit codes" lists them with the situations that lead to each.
+
+/// Exit code for bad flags or configuration (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
+/// Exit code when something the program needs is not there (`EX_UNAVAILABLE`): an address to
+/// listen on is taken or not on this host, the Consul agent does not answer, a component of
+/// the local cluster did not come up or died.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code for an internal error after a good start (`EX_SOFTWARE`).
+pub const EXIT_SOFTWARE: u8 = 70;
+/// Exit code when the operating system refuses a resource (`EX_OSERR`): threads for the
+/// runtime, a child process.
+pub const EXIT_OSERR: u8 = 71;
 
 /// Service discovery on Consul: an embedded dev agent and tools to look at a cluster.
 #[derive(Debug, Parser)]
@@ -126,6 +138,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// A multi-threaded tokio runtime; if the OS refuses one, says so and exits 71 (`EX_OSERR`).
+pub fn runtime_or_exit() -> tokio::runtime::Runtime {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(i32::from(EXIT_OSERR))
+        }
+    }
+}
+
 /// Prints `error: <msg>` and returns exit code 64, for configuration a flag parser accepted
 /// but the program cannot use.
 pub fn usage(msg: impl std::fmt::Display) -> ExitCode {
@@ -181,7 +204,7 @@ async fn run_agent(a: AgentArgs, shutdown: impl std::future::Future<Output = ()>
                 "error: cannot listen on {}: {e} (is another Consul agent or dev agent running? pick another with --http-addr)",
                 a.http_addr
             );
-            return ExitCode::from(1);
+            return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
     eprintln!(
@@ -192,7 +215,7 @@ async fn run_agent(a: AgentArgs, shutdown: impl std::future::Future<Output = ()>
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_SOFTWARE)
         }
     }
 }
@@ -266,8 +289,12 @@ async fn run_members(m: MembersArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("Error retrieving members: {}", crate::error::chain(&e));
-            ExitCode::from(1)
+            eprintln!(
+                "Error retrieving members from {}: {}",
+                client.base_url(),
+                crate::error::chain(&e)
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }
@@ -403,8 +430,12 @@ async fn run_services(s: ServicesArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("Error listing services: {}", crate::error::chain(&e));
-            ExitCode::from(1)
+            eprintln!(
+                "Error listing services from {}: {}",
+                client.base_url(),
+                crate::error::chain(&e)
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }

@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use discovery::cli::{init_tracing, parse_or_exit, run, shutdown_signal, Cli};
+use discovery::cli::{init_tracing, parse_or_exit, run, runtime_or_exit, shutdown_signal, Cli};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
     init_tracing();
-    run(cli, shutdown_signal()).await
+    runtime_or_exit().block_on(run(cli, shutdown_signal()))
 }

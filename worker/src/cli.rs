@@ -224,7 +224,8 @@ impl Cli {
 const EX_USAGE: u8 = discovery::cli::EXIT_USAGE;
 
 /// Validates the flags, binds, and runs the worker until `shutdown` completes; returns the
-/// exit code: 0 after a clean shutdown, 64 for bad configuration, 1 for anything else.
+/// exit code: 0 after a clean shutdown, 64 for bad configuration, 69 when the address cannot
+/// be listened on, 70 for a failure after starting, 71 when the runtime cannot start.
 pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::process::ExitCode {
     use std::process::ExitCode;
     let (listen, config) = match cli.into_config() {
@@ -239,7 +240,7 @@ pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::p
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "could not start the async runtime");
-            return ExitCode::FAILURE;
+            return ExitCode::from(discovery::cli::EXIT_OSERR);
         }
     };
     runtime.block_on(async move {
@@ -247,7 +248,7 @@ pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::p
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(addr = %listen, error = %e, "could not listen");
-                return ExitCode::FAILURE;
+                return ExitCode::from(discovery::cli::EXIT_UNAVAILABLE);
             }
         };
         match crate::run(config, listener, shutdown).await {
@@ -257,7 +258,7 @@ pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::p
                 if e.is_config() {
                     ExitCode::from(EX_USAGE)
                 } else {
-                    ExitCode::FAILURE
+                    ExitCode::from(discovery::cli::EXIT_SOFTWARE)
                 }
             }
         }

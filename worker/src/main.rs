@@ -1,8 +1,10 @@
 //! `worker`: parses the command line, installs logging, binds, and runs [`worker::run`] until
 //! SIGTERM or Ctrl-C.
 //!
-//! Exit codes: 0 after a clean shutdown (and for `--help` / `--version`), 64 (`EX_USAGE`) for a
-//! bad flag or configuration, 1 for anything else (the address is taken, the runtime failed).
+//! Exit codes (`sysexits.h`, the README's table): 0 after a clean shutdown (and for `--help` /
+//! `--version`), 64 (`EX_USAGE`) for a bad flag or configuration, 69 (`EX_UNAVAILABLE`) when
+//! the address is taken, 70 (`EX_SOFTWARE`) for a failure after starting, 71 (`EX_OSERR`) when
+//! the runtime cannot start.
 
 use std::process::ExitCode;
 

@@ -59,10 +59,10 @@ fn bad_flags_exit_64_with_a_message() {
 }
 
 #[test]
-fn a_taken_port_exits_1() {
+fn a_taken_port_exits_69() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (status, _, err) = run_worker_to_end(&["--listen", &addr, "--no-register"]);
-    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(status.code(), Some(69), "EX_UNAVAILABLE: {err}");
     assert!(err.contains("could not listen"), "{err}");
 }
