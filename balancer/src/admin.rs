@@ -1,4 +1,5 @@
-//! The admin listener: `/status` (JSON), `/metrics` (Prometheus text), `/health` (readiness).
+//! The admin listener: the dashboard (`/`, a page compiled into the binary that polls
+//! `/status`), `/status` (JSON), `/metrics` (Prometheus text), `/health` (readiness).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use crate::dashboard;
 use crate::idle::IdleTimeout;
 use crate::metrics::label;
 use crate::App;
@@ -25,6 +27,7 @@ fn age(t: Option<SystemTime>) -> Option<f64> {
 
 /// The status page as JSON.
 pub fn status(app: &App) -> serde_json::Value {
+    let removed = app.history.removed();
     let services: Vec<_> = app
         .services
         .iter()
@@ -43,13 +46,39 @@ pub fn status(app: &App) -> serde_json::Value {
                 .list
                 .iter()
                 .map(|be| {
+                    let requests = be.requests();
+                    let failures = be.failures.load(Ordering::Relaxed);
+                    let recent =
+                        app.history
+                            .recent(i, &be.instance.id, &be.authority, requests, failures);
                     json!({
                         "id": be.instance.id,
                         "address": be.authority,
                         "ejected": be.is_ejected(),
-                        "requests": be.requests(),
-                        "failures": be.failures.load(Ordering::Relaxed),
+                        "requests": requests,
+                        "failures": failures,
+                        "responses_5xx": be.responses[4].load(Ordering::Relaxed),
                         "ejections": be.ejections.load(Ordering::Relaxed),
+                        "last_minute": {
+                            "requests": recent.requests,
+                            "failures": recent.failures,
+                            "rate_per_second": (recent.rate * 100.0).round() / 100.0,
+                            "per_second": recent.per_second,
+                        },
+                    })
+                })
+                .collect();
+            let gone: Vec<_> = removed
+                .iter()
+                .filter(|r| r.service == i)
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "address": r.address,
+                        "removed_at_ms": crate::dashboard::unix_ms(r.at),
+                        "requests": r.requests,
+                        "failures": r.failures,
+                        "age_seconds": age(Some(r.at)),
                     })
                 })
                 .collect();
@@ -75,6 +104,7 @@ pub fn status(app: &App) -> serde_json::Value {
                 "routes": routes,
                 "healthy_instances": b.list.len(),
                 "instances": instances,
+                "recently_removed": gone,
                 "discovery": discovery,
             })
         })
@@ -90,6 +120,15 @@ pub fn status(app: &App) -> serde_json::Value {
         "requests_without_route": app.no_route.load(Ordering::Relaxed),
         "http1_handoffs": app.handoffs.load(Ordering::Relaxed),
         "services": services,
+        "now_ms": crate::dashboard::unix_ms(SystemTime::now()),
+        "events": app.history.events().iter().map(|e| json!({
+            "at_ms": crate::dashboard::unix_ms(e.at),
+            "age_seconds": age(Some(e.at)),
+            "service": e.service,
+            "instance": e.instance,
+            "address": e.address,
+            "change": e.change,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -200,6 +239,26 @@ fn respond(
     r
 }
 
+/// A file of the dashboard. The page loads only its own script and style and asks only
+/// `/status`; the policy says so, so that an instance ID crafted as markup could not run
+/// anything even if the page were wrong to insert it as markup (it inserts text only).
+fn page(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = respond(StatusCode::OK, content_type, body);
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    r
+}
+
 /// Answers one admin request.
 pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -213,6 +272,9 @@ pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         return r;
     }
     match req.uri().path() {
+        "/" => page("text/html; charset=utf-8", dashboard::PAGE_HTML),
+        "/dashboard.js" => page("text/javascript; charset=utf-8", dashboard::PAGE_JS),
+        "/dashboard.css" => page("text/css; charset=utf-8", dashboard::PAGE_CSS),
         "/status" => {
             let body = serde_json::to_vec_pretty(&status(app)).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
@@ -236,7 +298,7 @@ pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: try /status, /metrics or /health\n",
+            "not found: try / (the dashboard), /status, /metrics or /health\n",
         ),
     }
 }

@@ -16,13 +16,15 @@
 //!   event loop on its own thread.
 //! - `http1`: request and response heads for the fast path.
 //! - [`chunked`]: where a chunked body ends, for the fast path.
-//! - [`admin`]: `/status`, `/metrics`, `/health` on the admin listener.
+//! - [`admin`]: the dashboard, `/status`, `/metrics`, `/health` on the admin listener.
+//! - [`dashboard`]: the dashboard's page (compiled in), last-minute rates and timeline.
 //! - [`metrics`]: atomic counters and histogram, Prometheus text.
 
 pub mod admin;
 pub mod chunked;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 mod deadline;
 pub mod fast;
 mod http1;
@@ -65,6 +67,8 @@ pub struct App {
     pub handoffs: AtomicU64,
     /// Admin connections open.
     pub admin_connections: AtomicU64,
+    /// Last-minute traffic and the timeline of changes, for the dashboard.
+    pub history: dashboard::History,
     pub started: Instant,
 }
 
@@ -96,6 +100,7 @@ impl App {
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             admin_connections: AtomicU64::new(0),
+            history: dashboard::History::default(),
             started: Instant::now(),
         }
     }
@@ -151,12 +156,14 @@ fn start_discovery(
         let w = Watch::spawn(client.clone(), svc.name.clone(), opts);
         let mut rx = w.snapshots();
         let state = Arc::clone(svc);
+        let changed = Arc::clone(&app.history.changed);
         let mut stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let snap = rx.borrow_and_update().clone();
                 if let Some(snap) = snap {
                     state.apply(&snap);
+                    changed.notify_one();
                 }
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { return },
@@ -188,6 +195,10 @@ pub async fn run(
     };
     prepare(&app);
     let app = Arc::new(app);
+    // The dashboard's sampler runs only with the admin listener that shows what it gathers.
+    let sampler = admin
+        .is_some()
+        .then(|| tokio::spawn(dashboard::run(Arc::clone(&app), stop_rx.clone())));
     let admin_task =
         admin.map(|l| tokio::spawn(admin::serve(Arc::clone(&app), l, stop_rx.clone())));
 
@@ -286,6 +297,9 @@ pub async fn run(
         t.abort();
     }
     if let Some(t) = admin_task {
+        t.abort();
+    }
+    if let Some(t) = sampler {
         t.abort();
     }
     // The watchers stop when the last `Arc<App>` goes (dropping a `Watch` ends its task and

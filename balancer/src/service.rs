@@ -132,10 +132,11 @@ impl ServiceState {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn inst(id: &str) -> Instance {
+    /// An instance `id` of `web` at 127.0.0.1:1 (also for the dashboard's tests).
+    pub(crate) fn inst(id: &str) -> Instance {
         Instance {
             id: id.into(),
             service: "web".into(),
