@@ -528,12 +528,19 @@ pub struct Cluster {
     pub consul: discovery::Client,
     /// Node name of the dev agent.
     pub node: String,
+    /// Extra flags of every worker (the churn benchmark tags them for Traefik).
+    pub worker_args: Vec<String>,
 }
 
 impl Cluster {
     /// Starts an agent, `workers` workers and a balancer, and waits until the agent lists every
     /// worker as passing and the balancer routes to all of them.
     pub async fn start(workers: usize) -> Cluster {
+        Self::start_with(workers, &[]).await
+    }
+
+    /// [`Cluster::start`], with `worker_args` added to every worker's flags.
+    pub async fn start_with(workers: usize, worker_args: &[&str]) -> Cluster {
         let agent_addr = free_addr();
         let consul =
             discovery::Client::new(discovery::ClientConfig::new(&agent_addr.to_string()).unwrap());
@@ -546,6 +553,7 @@ impl Cluster {
             balancer: None,
             consul,
             node: format!("e2e-{}", agent_addr.port()),
+            worker_args: args(worker_args),
         };
         c.start_agent().await;
         for _ in 0..workers {
@@ -595,25 +603,24 @@ impl Cluster {
         let agent = self.agent_addr.to_string();
         let w = &mut self.workers[n - 1];
         assert!(w.proc.is_none(), "worker {n} is already running");
-        w.proc = Some(Proc::spawn(
-            &format!("worker-{n}"),
-            &args(&[
-                "worker",
-                "--service",
-                SERVICE,
-                "--listen",
-                &w.addr.to_string(),
-                "--id",
-                &worker_id(n),
-                "--message",
-                &worker_message(n),
-                "--consul-addr",
-                &agent,
-                // Consul's floor; a crashed worker leaves `?passing` within about a second.
-                "--check-interval",
-                "1s",
-            ]),
-        ));
+        let mut argv = args(&[
+            "worker",
+            "--service",
+            SERVICE,
+            "--listen",
+            &w.addr.to_string(),
+            "--id",
+            &worker_id(n),
+            "--message",
+            &worker_message(n),
+            "--consul-addr",
+            &agent,
+            // Consul's floor; a crashed worker leaves `?passing` within about a second.
+            "--check-interval",
+            "1s",
+        ]);
+        argv.extend(self.worker_args.iter().cloned());
+        w.proc = Some(Proc::spawn(&format!("worker-{n}"), &argv));
     }
 
     fn start_balancer(&mut self) {
