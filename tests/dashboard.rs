@@ -10,9 +10,8 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,52 +21,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 /// The longest a SIGKILLed worker may look healthy on the page.
 const SHOWN_GONE_WITHIN: Duration = Duration::from_secs(5);
 
-/// A program on `PATH` (or named by `env`), if there is one.
-fn program(env: &str, names: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
-        .find(|p| p.is_file())
-}
-
-/// `chromedriver` as a child process, killed by PID when dropped.
-struct Driver {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Driver {
-    async fn start(path: &Path) -> Driver {
-        let addr = free_addr();
-        let child = Command::new(path)
-            .arg(format!("--port={}", addr.port()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
-        let d = Driver { child, addr };
-        wait_for("chromedriver answers", DEADLINE, || async {
-            matches!(get(d.addr, "/status").await, Ok(r) if r.status == 200)
-        })
-        .await;
-        d
-    }
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+/// Starts `chromedriver` and waits until it answers.
+async fn start_driver(path: &Path) -> Daemon {
+    let addr = free_addr();
+    let mut cmd = Command::new(path);
+    cmd.arg(format!("--port={}", addr.port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let d = Daemon::spawn(&mut cmd, addr);
+    wait_for("chromedriver answers", DEADLINE, || async {
+        matches!(get(d.addr, "/status").await, Ok(r) if r.status == 200)
+    })
+    .await;
+    d
 }
 
 /// Each instance row of the page: (ID, state, requests), in page order.
@@ -160,7 +126,7 @@ async fn dashboard_in_a_real_browser() {
     };
 
     let mut c = Cluster::start(3).await;
-    let driver = Driver::start(&driver).await;
+    let driver = start_driver(&driver).await;
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),

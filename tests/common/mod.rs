@@ -267,6 +267,48 @@ impl Drop for Proc {
     }
 }
 
+/// A helper program that is not ours (chromedriver, Traefik), listening on `addr`; killed by
+/// PID and reaped when dropped.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts `cmd`, which will listen on `addr`.
+    pub fn spawn(cmd: &mut Command, addr: SocketAddr) -> Daemon {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Daemon { child, addr }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A program named by the environment variable `env`, or the first of `names` on `PATH`.
+pub fn program(env: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// Cargo's target directory, where screenshots and benchmark tools go.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
 /// Runs `cluster <args>` to completion (a one-shot command such as `members`); panics if it
 /// takes longer than `within`. Returns the exit code, stdout and stderr.
 pub async fn run_to_end(name: &str, args: &[String], within: Duration) -> (i32, String, String) {
@@ -347,7 +389,8 @@ pub async fn request(
         .map_err(|_| format!("request to {addr} timed out"))?
 }
 
-async fn into_resp<B>(resp: http::Response<B>) -> Result<Resp, String>
+/// Reads an answer whole, into what the tests look at.
+pub async fn into_resp<B>(resp: http::Response<B>) -> Result<Resp, String>
 where
     B: hyper::body::Body,
     B::Error: std::fmt::Display,
