@@ -291,10 +291,11 @@ impl Drop for Daemon {
     }
 }
 
-/// A program named by the environment variable `env`, or the first of `names` on `PATH`.
+/// A program named by the environment variable `env`, or the first of `names` on `PATH`;
+/// `None` if that file does not exist.
 pub fn program(env: &str, names: &[&str]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
