@@ -38,11 +38,12 @@ use discovery::serve::H2_PREFACE;
 
 pub use crate::http1::MAX_BUFFERED_BODY;
 use crate::http1::{
-    encode_local, parse_request, parse_response, BodyEnd, Framing, Parsed, ParsedResponse, Request,
+    encode_local, find_head_end, parse_request, parse_response, BodyEnd, Framing, Parsed,
+    ParsedResponse, Request,
 };
 use crate::proxy::{Attempt, Attempts, Peer, ProxyError};
 use crate::service::{Backends, ServiceState};
-use crate::upstream::{Backend, MAX_IDLE_PER_INSTANCE};
+use crate::upstream::{is_local_resource_error, Backend, MAX_IDLE_PER_INSTANCE};
 use crate::App;
 
 const LISTENER: Token = Token(usize::MAX);
@@ -197,6 +198,8 @@ struct Client {
     first: bool,
     /// Bytes from the client not yet served.
     rbuf: IoBuf,
+    /// Bytes at the start of `rbuf` already searched for the end of a request head.
+    scanned: usize,
     /// Bytes from the instance.
     ubuf: IoBuf,
     /// The request as it goes to the instance: head, then body.
@@ -614,6 +617,7 @@ impl Engine {
                 eof: false,
                 first: true,
                 rbuf: IoBuf::new(),
+                scanned: 0,
                 ubuf: IoBuf::new(),
                 req_out: Vec::new(),
                 resp_out: Vec::new(),
@@ -868,19 +872,36 @@ impl Engine {
                     }
                 }
                 if !c.first {
-                    let parsed = parse_request(c.rbuf.bytes(), &self.app, &c.peer, &mut c.req_out);
-                    match parsed {
-                        Parsed::Request(req) => {
-                            c.deadline = self.now + self.app.config.header_read_timeout;
-                            c.state = State::Body(req);
-                            return None;
-                        }
-                        Parsed::Partial => {}
-                        Parsed::Handoff => return Some(Step::Handoff { http2: false }),
-                        Parsed::Reject(status) => return self.reject(c, status),
+                    // Empty lines before a request line are ignored (RFC 9112 §2.2).
+                    while c.rbuf.bytes().starts_with(b"\r\n") {
+                        c.rbuf.consume(2);
+                        c.scanned = c.scanned.saturating_sub(2);
                     }
-                    if c.rbuf.len() >= self.app.config.max_header_bytes {
-                        return self.reject(c, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    match find_head_end(c.rbuf.bytes(), c.scanned) {
+                        Err(()) => return self.reject(c, StatusCode::BAD_REQUEST),
+                        Ok(None) => {
+                            // The last byte may be the CR of a line end still to come.
+                            c.scanned = c.rbuf.len().saturating_sub(1);
+                            if c.rbuf.len() >= self.app.config.max_header_bytes {
+                                return self.reject(c, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                            }
+                        }
+                        Ok(Some(_)) => {
+                            c.scanned = 0;
+                            let parsed =
+                                parse_request(c.rbuf.bytes(), &self.app, &c.peer, &mut c.req_out);
+                            match parsed {
+                                Parsed::Request(req) => {
+                                    c.deadline = self.now + self.app.config.header_read_timeout;
+                                    c.state = State::Body(req);
+                                    return None;
+                                }
+                                // The head is complete, so httparse must see all of it.
+                                Parsed::Partial => return self.reject(c, StatusCode::BAD_REQUEST),
+                                Parsed::Handoff => return Some(Step::Handoff { http2: false }),
+                                Parsed::Reject(status) => return self.reject(c, status),
+                            }
+                        }
                     }
                 }
             } else if self.stopping {
@@ -979,6 +1000,12 @@ impl Engine {
                 Some(up) => up,
                 None => match self.connect(addr, key) {
                     Ok(up) => up,
+                    Err(e) if is_local_resource_error(&e) => {
+                        let e = ProxyError::LocalResources {
+                            cause: e.to_string(),
+                        };
+                        return self.fail(c, &e);
+                    }
                     Err(e) => {
                         self.connect_failed(c, format!("connect failed: {e}"));
                         continue;
@@ -1383,6 +1410,16 @@ impl Engine {
     /// Pools a socket whose last response was read exactly to its end.
     /// `epoch` is the instance's [`Backend::pool_epoch`] now.
     fn checkin(&mut self, mut up: Upstream, epoch: u64) {
+        // The last read filled its buffer, so the kernel may hold more: bytes past the end
+        // of the response mean the instance is out of step, and the next request on this
+        // socket would get them as its answer. An edge-triggered socket reports nothing for
+        // bytes already there, so look now. (A read that did not fill its buffer drained the
+        // socket; anything later arrives as an event, which retires the idle socket.)
+        if up.readable && !up.eof {
+            let mut probe = [0u8; 1];
+            up.eof = !matches!(up.stream.read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            up.readable = false;
+        }
         let list = self.pool.entry(up.addr).or_default();
         if up.eof || list.len() >= MAX_IDLE_PER_INSTANCE {
             self.close_upstream(up);

@@ -89,13 +89,30 @@ pub enum ProxyError {
         service: String,
         instance: String,
     },
+    /// The request itself is ambiguous or unsupported; answered with `Connection: close`,
+    /// so that nothing after it on the connection is read as a request.
+    Refused {
+        status: StatusCode,
+        why: &'static str,
+    },
+    /// This host ran out of something a connection needs (descriptors, ports, buffers):
+    /// no instance is to blame, and another try would fail the same way.
+    LocalResources {
+        cause: String,
+    },
 }
 
 impl ProxyError {
     /// The one mapping from failure to status code and short body.
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, body) = self.status_and_body();
-        local(status, body)
+        let close = matches!(self, ProxyError::Refused { .. });
+        let mut r = local(status, body);
+        if close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 
     /// The status code and body of the answer (see [`ProxyError::into_response`]).
@@ -121,6 +138,11 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("an instance of service {service} did not answer in time\n"),
             ),
+            ProxyError::Refused { status, why } => (*status, (*why).to_string()),
+            ProxyError::LocalResources { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the balancer is short of resources; try again\n".to_string(),
+            ),
         }
     }
 
@@ -135,6 +157,9 @@ impl ProxyError {
             }
             ProxyError::BadRequest { cause } => {
                 tracing::debug!(%cause, "client request body failed");
+            }
+            ProxyError::LocalResources { cause } => {
+                tracing::warn!(%cause, "cannot open an upstream connection: this host is short of resources (no instance blamed)");
             }
             _ => {}
         }
@@ -166,13 +191,22 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
+    // Headers named in `Connection` are hop-by-hop too, except those that frame the message
+    // or name its target: never one hop's business (RFC 9110 §7.6.1), so ignored there.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| {
+            ![
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::HOST,
+            ]
+            .contains(n)
+        })
         .collect();
     for n in named {
         headers.remove(n);
@@ -257,8 +291,42 @@ fn prepare(parts: &mut http::request::Parts, peer: &Peer) {
     }
 }
 
+/// Whether a request's target and framing are unambiguous, as the fast path requires of
+/// its own (`http1::HeadFacts::check_request`): hyper parses what the fast path hands over,
+/// and every later request on that connection.
+fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    let hosts = h.get_all(header::HOST).iter().count();
+    let refuse = |status, why| Err(ProxyError::Refused { status, why });
+    if req.method() == Method::CONNECT {
+        tracing::info!("CONNECT refused (501)");
+        return refuse(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+    }
+    let host_rule = match req.version() {
+        http::Version::HTTP_11 => hosts == 1,
+        // HTTP/1.0 may omit it; HTTP/2 has `:authority`, and a `Host` beside it at most once.
+        _ => hosts <= 1,
+    };
+    if !host_rule {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "exactly one Host header is required\n",
+        );
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Content-Length beside Transfer-Encoding\n",
+        );
+    }
+    Ok(())
+}
+
 /// Handles one client request. Never fails: every failure becomes an answer.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    if let Err(e) = check_request(&req) {
+        return e.into_response();
+    }
     let started = Instant::now();
     let Some(route) = app.config.route_for(req.uri().path()) else {
         app.no_route.fetch_add(1, Ordering::Relaxed);
@@ -412,6 +480,11 @@ async fn forward(
         };
         let mut conn = match conn {
             Ok(c) => c,
+            Err(e) if e.is_local() => {
+                return Err(ProxyError::LocalResources {
+                    cause: e.to_string(),
+                })
+            }
             Err(e) => {
                 // Nothing was sent: the body is intact for the next instance.
                 backend.record_connect_failure();

@@ -125,6 +125,29 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+impl ConnectError {
+    /// This host ran short (see [`is_local_resource_error`]): not the instance's fault.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Io(e) if is_local_resource_error(e))
+    }
+}
+
+/// Whether a socket call failed for want of something on this host (descriptors, buffers,
+/// local ports), which says nothing about the instance: it must not be ejected or blamed.
+pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+    // Linux errno values (libc's EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL).
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    const EADDRNOTAVAIL: i32 = 99;
+    e.kind() == std::io::ErrorKind::AddrNotAvailable
+        || matches!(
+            e.raw_os_error(),
+            Some(EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL)
+        )
+}
+
 impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
