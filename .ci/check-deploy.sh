@@ -215,7 +215,7 @@ cp -r deploy Cargo.toml rust-toolchain.toml "$repo/"
 rm -rf "$repo/deploy/bin"
 tools="$tmp/tools"
 mkdir -p "$tools"
-for tool in awk cat cut dirname find head mkdir sed sha256sum sort tr uname xargs; do
+for tool in awk cat cut dirname find grep head mkdir sed sha256sum sort tr uname xargs; do
   ln -s "$(command -v "$tool")" "$tools/$tool"
 done
 printf '#!/bin/sh\necho glibc 2.39\n' >"$tools/getconf"
@@ -233,6 +233,10 @@ STUB
 cat >"$stubs/rustup" <<'STUB'
 #!/bin/sh
 echo "rustup $*" >>"$STUB_LOG"
+if [ "$1 $2" = "toolchain list" ]; then
+  echo "${STUB_RUSTUP_LIST:-no installed toolchains}"
+  exit 0
+fi
 exit "${STUB_RUSTUP_STATUS:-0}"
 STUB
 chmod 0755 "$stubs/cargo" "$stubs/rustup"
@@ -244,8 +248,14 @@ host_build() {
   local stubdir=$1
   shift
   : >"$tmp/build.log"
+  local status=0
   env -i HOME="$tmp" PATH="$stubdir:$tools" STUB_LOG="$tmp/build.log" "$@" \
-    "$BASH" "$repo/deploy/build.sh" >"$tmp/build.out" 2>&1
+    "$BASH" "$repo/deploy/build.sh" >"$tmp/build.out" 2>&1 || status=$?
+  if grep -q 'command not found' "$tmp/build.out"; then
+    cat "$tmp/build.out"
+    fail "build.sh needs a tool this check does not link into its PATH"
+  fi
+  return "$status"
 }
 need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml)
 channel=$(sed -n 's/^channel *= *"\([^"]*\)".*/\1/p' rust-toolchain.toml)
@@ -283,6 +293,12 @@ if ! { grep -qx "rustup toolchain install $channel --profile minimal --component
   fail "build.sh with rustup did not install $channel and then build"
 fi
 echo "rustup: rustup toolchain install $channel, then cargo build"
+host_build "$stubs" STUB_CARGO_VERSION="$channel" STUB_RUSTUP_LIST="$channel-x86_64-unknown-linux-gnu (default)" || true
+if grep -q '^rustup toolchain install' "$tmp/build.log" || ! grep -q '^cargo build' "$tmp/build.log"; then
+  cat "$tmp/build.out" "$tmp/build.log"
+  fail "build.sh with $channel already installed did not go straight to the build"
+fi
+echo "rustup with $channel installed: no install, cargo build"
 host_build "$stubs" STUB_CARGO_VERSION="$channel" STUB_RUSTUP_STATUS=1 || {
   cat "$tmp/build.out"
   fail "build.sh failed when rustup could not install the toolchain; it must leave the build to a VM"

@@ -39,12 +39,17 @@ rust_version() {
 
 # Installs the toolchain that rust-toolchain.toml pins, with its components, explicitly: rustup
 # 1.28 stopped installing it on first use, so relying on that fails on some rustup versions.
+# An installed one is left alone (installing it again can download it all again).
 # $1: the repository root. Needs rustup on PATH.
 install_toolchain() {
   local file="$1/rust-toolchain.toml" channel c
   local -a components=()
   channel=$(sed -n 's/^channel *= *"\([^"]*\)".*/\1/p' "$file")
   [[ -n "$channel" ]] || die "$file names no channel"
+  if rustup toolchain list 2>/dev/null | grep -q "^$channel-"; then
+    log "toolchain: $channel is installed"
+    return 0
+  fi
   for c in $(sed -n 's/^components *= *\[\(.*\)\].*/\1/p' "$file" | tr -d '",'); do
     components+=(--component "$c")
   done
