@@ -21,7 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+agent= # a process the exe_replaced check starts
+cleanup() {
+  if [[ -n "$agent" ]]; then kill "$agent" 2>/dev/null || true; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
 
 fail() {
   printf 'check-deploy: FAIL: %s\n' "$*" >&2
@@ -346,7 +351,6 @@ echo "== deploy/lib.sh exe_replaced: a package replaced the program of a running
 cp "$(command -v sleep)" "$tmp/agent"
 "$tmp/agent" 60 &
 agent=$!
-# shellcheck source=../deploy/lib.sh
 replaced() { bash -c '. deploy/lib.sh && exe_replaced "$1"' _ "$agent"; }
 if replaced; then fail "exe_replaced says an untouched program was replaced"; fi
 # What dpkg does: unpack beside the file, then rename over it.
@@ -355,6 +359,7 @@ mv -f "$tmp/agent.dpkg-new" "$tmp/agent"
 replaced || fail "exe_replaced missed a program replaced under its running process"
 kill "$agent"
 wait "$agent" 2>/dev/null || true
+agent=
 echo "a process whose program was replaced is found (provision.sh then restarts Consul)"
 
 echo "== deploy/demo.sh -n: the demo's commands"
