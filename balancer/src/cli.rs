@@ -44,9 +44,18 @@ pub struct Args {
     /// allowed within a response body; past it the answer is cut off.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
-    /// Time a client gets to send its request head.
+    /// Time a client gets to send its request head; also how long an idle keep-alive
+    /// connection (HTTP/1, or HTTP/2 with no open stream) stays open.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
+    /// An upgraded connection (WebSocket) that carries nothing either way for this long is
+    /// closed.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub tunnel_idle_timeout: Duration,
+    /// Most concurrent streams on one HTTP/2 client connection (each may hold an upstream
+    /// connection).
+    #[arg(long, default_value_t = config::DEFAULT_HTTP2_MAX_STREAMS)]
+    pub http2_max_streams: u32,
     /// Idle pooled connections to instances are closed after this; keep it below the
     /// instances' own keep-alive idle limit.
     #[arg(long, value_parser = parse_duration, default_value = "20s")]
@@ -82,6 +91,21 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     if cli.max_connections == 0 {
         return usage("--max-connections must be at least 1");
     }
+    if cli.http2_max_streams == 0 {
+        return usage("--http2-max-streams must be at least 1");
+    }
+    // A zero timeout would turn every request into a 504, or close every connection at once.
+    for (flag, d) in [
+        ("--connect-timeout", cli.connect_timeout),
+        ("--upstream-timeout", cli.upstream_timeout),
+        ("--header-read-timeout", cli.header_read_timeout),
+        ("--pool-idle-timeout", cli.pool_idle_timeout),
+        ("--tunnel-idle-timeout", cli.tunnel_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return usage(format!("{flag} must be more than 0"));
+        }
+    }
     config.connect_timeout = cli.connect_timeout;
     config.upstream_timeout = cli.upstream_timeout;
     config.header_read_timeout = cli.header_read_timeout;
@@ -89,6 +113,8 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     config.shutdown_grace = cli.shutdown_grace;
     config.max_connections = cli.max_connections;
     config.retries = cli.retries;
+    config.tunnel_idle_timeout = cli.tunnel_idle_timeout;
+    config.http2_max_streams = cli.http2_max_streams;
     config.watch_wait = cli.watch_wait.max(Duration::from_secs(1));
     let admin: Option<SocketAddr> = if cli.admin == "off" {
         None

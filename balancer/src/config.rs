@@ -21,6 +21,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Default number of extra attempts for idempotent requests that failed after being sent.
 pub const DEFAULT_RETRIES: u32 = 2;
+/// Default time an upgraded connection (WebSocket) may carry nothing either way before it is
+/// closed: generous, since a quiet WebSocket is normal, but never unbounded.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default most concurrent streams of one HTTP/2 client connection, which bounds the
+/// upstream connections one client connection can hold open at once.
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 64;
 
 /// One route: requests whose path starts with `prefix` go to Consul service `service`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +117,9 @@ pub struct Config {
     pub retries: u32,
     /// Consul blocking-query wait for the watchers.
     pub watch_wait: Duration,
+    /// Longest silence both ways on an upgraded connection.
+    pub tunnel_idle_timeout: Duration,
+    pub http2_max_streams: u32,
 }
 
 impl Config {
@@ -146,6 +155,8 @@ impl Config {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             retries: DEFAULT_RETRIES,
             watch_wait: discovery::watch::DEFAULT_WAIT,
+            tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
         })
     }
 

@@ -820,8 +820,16 @@ impl Engine {
                     self.attempt_failed(key, c, Failure::Timeout)
                 }
             }
-            State::Relay | State::Drain { .. } => {
-                tracing::debug!(peer = %c.peer.addr, "response stalled for the upstream timeout; closing");
+            State::Relay => {
+                if let Some(x) = &c.exchange {
+                    x.service.metrics.cut.fetch_add(1, Ordering::Relaxed);
+                    let instance = x.backend().map(|b| b.instance.id.as_str()).unwrap_or("");
+                    tracing::warn!(service = %x.service.name, %instance, peer = %c.peer.addr, timeout = ?self.app.config.upstream_timeout, "response cut off: nothing moved for the upstream timeout");
+                }
+                Some(Step::Close)
+            }
+            State::Drain { .. } => {
+                tracing::debug!(peer = %c.peer.addr, "client took no answer for the upstream timeout; closing");
                 Some(Step::Close)
             }
         }

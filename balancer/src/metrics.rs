@@ -51,6 +51,9 @@ pub struct ServiceMetrics {
     pub local: [AtomicU64; 5],
     /// Extra attempts made after a failed one.
     pub retries: AtomicU64,
+    /// Responses cut off mid-body because nothing moved for `--upstream-timeout` (the client
+    /// got a truncated answer, although its status was counted as the instance's).
+    pub cut: AtomicU64,
     pub latency: Histogram,
 }
 

@@ -29,7 +29,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::service::{Backends, ServiceState};
 use crate::upstream::{Backend, BodyError, PooledBody, UpBody};
-use crate::App;
+use crate::{App, ClientConn};
 
 /// Body of a response to a client: streamed from an instance, or a short local answer.
 pub enum ProxyBody {
@@ -322,8 +322,30 @@ fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and an
+/// `Upgrade` header), if any.
+fn upgrade_asked(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let named = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    named
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
 /// Handles one client request. Never fails: every failure becomes an answer.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+pub async fn handle(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    conn: &Arc<ClientConn>,
+) -> Response<ProxyBody> {
     if let Err(e) = check_request(&req) {
         return e.into_response();
     }
@@ -333,7 +355,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
         return ProxyError::NoRoute.into_response();
     };
     let service = Arc::clone(&app.services[app.route_service[route]]);
-    let result = forward(&app, &service, req, peer).await;
+    let upgrade = upgrade_asked(&req).map(|proto| Upgrade {
+        proto,
+        client: hyper::upgrade::on(&mut req),
+    });
+    let result = forward(&app, &service, req, &conn.peer, upgrade, conn).await;
     service.metrics.latency.observe(started.elapsed());
     match result {
         Ok(resp) => resp,
@@ -444,11 +470,20 @@ impl Attempts {
     }
 }
 
+/// A request that asks to switch protocols: what it asks for, and the client's side of the
+/// switch.
+struct Upgrade {
+    proto: HeaderValue,
+    client: hyper::upgrade::OnUpgrade,
+}
+
 async fn forward(
-    app: &App,
-    service: &ServiceState,
+    app: &Arc<App>,
+    service: &Arc<ServiceState>,
     req: Request<Incoming>,
     peer: &Peer,
+    mut upgrade: Option<Upgrade>,
+    client: &Arc<ClientConn>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let backends = service.backends();
     if backends.list.is_empty() {
@@ -458,6 +493,14 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer);
+    if let Some(u) = &upgrade {
+        // The two headers that ask for the switch are hop-by-hop, and are asked again of
+        // the instance (RFC 9110 §7.8).
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.proto.clone());
+    }
     let bodiless = body.is_end_stream();
     let replayable = bodiless && is_idempotent(&parts.method);
     // The body to send next: taken by each attempt, and put back by every path that tries
@@ -504,7 +547,40 @@ async fn forward(
         )
         .await;
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    backend.record_status(101);
+                    let Some(u) = upgrade.take() else {
+                        // Nobody asked: an instance out of step. Its connection goes with it.
+                        backend.failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(format!(
+                            "{}: unrequested protocol switch",
+                            backend.authority
+                        ));
+                        break;
+                    };
+                    let instance_side = hyper::upgrade::on(&mut resp);
+                    let (mut rparts, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    let proto = rparts.headers.get(header::UPGRADE).cloned();
+                    rparts
+                        .headers
+                        .insert(header::UPGRADE, proto.unwrap_or(u.proto));
+                    tokio::spawn(crate::tunnel::run(
+                        Arc::clone(app),
+                        Arc::clone(client),
+                        u.client,
+                        instance_side,
+                        backend.instance.id.clone(),
+                    ));
+                    return Ok(Response::from_parts(
+                        rparts,
+                        ProxyBody::Local(Full::default()),
+                    ));
+                }
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());
                 strip_hop_by_hop(&mut rparts.headers);
@@ -512,6 +588,7 @@ async fn forward(
                     rbody,
                     conn.sender,
                     Arc::clone(backend),
+                    Arc::clone(service),
                     app.config.upstream_timeout,
                 );
                 return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));

@@ -309,7 +309,8 @@ impl Backend {
             .map_err(ConnectError::Handshake)?;
         let authority = self.authority.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades, a `101` hands the socket to the tunnel instead of ending here.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
             }
         });
@@ -357,6 +358,8 @@ impl std::error::Error for BodyStalled {}
 pub struct PooledBody {
     inner: Incoming,
     conn: Option<(Sender, Arc<Backend>)>,
+    /// Whose answer this is, to count a cut.
+    service: Arc<crate::service::ServiceState>,
     idle: Duration,
     /// When the last frame arrived.
     last: tokio::time::Instant,
@@ -365,10 +368,17 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
-    pub fn new(inner: Incoming, sender: Sender, backend: Arc<Backend>, idle: Duration) -> Self {
+    pub fn new(
+        inner: Incoming,
+        sender: Sender,
+        backend: Arc<Backend>,
+        service: Arc<crate::service::ServiceState>,
+        idle: Duration,
+    ) -> Self {
         let mut body = Self {
             inner,
             conn: Some((sender, backend)),
+            service,
             idle,
             last: tokio::time::Instant::now(),
             timer: None,
@@ -409,7 +419,9 @@ impl Body for PooledBody {
             Poll::Pending => {
                 if this.stalled(cx) {
                     // The rest of the response may still come: the connection is not reusable.
-                    this.conn = None;
+                    let instance = this.conn.take().map(|(_, b)| b.instance.id.clone());
+                    this.service.metrics.cut.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %this.service.name, instance = instance.as_deref().unwrap_or(""), idle = ?this.idle, "response cut off: the instance sent nothing more of the body for the upstream timeout");
                     return Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle)))));
                 }
                 return Poll::Pending;
