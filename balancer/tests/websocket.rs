@@ -70,6 +70,18 @@ async fn connect(lb: &Balancer) -> Ws {
     ws
 }
 
+/// Reads until the balancer ends the tunnel (a close frame, the end of the stream, or an
+/// error).
+async fn until_closed(ws: &mut Ws) {
+    loop {
+        match ws.next().await {
+            None | Some(Err(_)) => return,
+            Some(Ok(m)) if m.is_close() => return,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
 async fn next_message(ws: &mut Ws) -> Message {
     timeout(DEADLINE, ws.next())
         .await
@@ -187,16 +199,7 @@ async fn idle_tunnel_is_closed() {
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Message::text("before"));
     // Then silence: the balancer closes the tunnel (the stream ends or errors).
-    let end = timeout(DEADLINE, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => return,
-                Some(Ok(m)) if m.is_close() => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
+    let end = timeout(DEADLINE, until_closed(&mut ws)).await;
     assert!(end.is_ok(), "the idle tunnel was not closed");
     let status = lb.status().await;
     assert_eq!(status["tunnels"]["idle_closed"], 1, "{status}");
@@ -222,16 +225,7 @@ async fn shutdown_ends_open_tunnels_within_the_grace() {
         took < Duration::from_secs(1) + DEADLINE / 2,
         "shutdown took {took:?}"
     );
-    let end = timeout(DEADLINE, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => return,
-                Some(Ok(m)) if m.is_close() => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
+    let end = timeout(DEADLINE, until_closed(&mut ws)).await;
     assert!(end.is_ok(), "the tunnel was not closed by shutdown");
 }
 
