@@ -72,11 +72,14 @@ pub struct Args {
     /// Longest Consul blocking-query wait.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub watch_wait: Duration,
-    /// Threads of the runtime behind the fast path: connections it hands over (HTTP/2,
-    /// HTTP/1.0, upgrades, large uploads), discovery and the admin listener. 1 (the default)
-    /// is a single thread; N > 1 a work-stealing pool of N threads; 0 one per CPU. The HTTP/1
-    /// fast path always runs on one thread of its own.
-    #[arg(long, env = "BALANCER_THREADS", default_value_t = 1)]
+    /// Threads serving clients: N event loops for the HTTP/1 fast path, each on its own
+    /// thread with its own sockets, pool and timers (routing and round robin are shared, so
+    /// rotation stays exact), and the runtime behind them (connections handed over: HTTP/2,
+    /// HTTP/1.0, upgrades, large uploads; discovery; the admin listener), which is one
+    /// thread for 1 and N threads otherwise. 0 (the default) is one per CPU. On a machine
+    /// shared with the instances or a load generator, 1 gives the most requests per
+    /// CPU-second.
+    #[arg(long, env = "BALANCER_THREADS", default_value_t = 0)]
     pub threads: usize,
 }
 
@@ -146,9 +149,13 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     // cross-thread wake-ups. Measured with ../shared/bench on 2 cores shared with the load
     // generator and the instances, when this runtime served every request: ~39k requests per
     // CPU-second on one thread, ~22k on the default two-thread pool.
-    let mut rt = match cli.threads {
+    let threads = match cli.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    config.event_loops = threads;
+    let mut rt = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);

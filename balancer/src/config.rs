@@ -120,6 +120,8 @@ pub struct Config {
     /// Longest silence both ways on an upgraded connection.
     pub tunnel_idle_timeout: Duration,
     pub http2_max_streams: u32,
+    /// HTTP/1 fast-path event loops, each on its own thread (at least one).
+    pub event_loops: usize,
 }
 
 impl Config {
@@ -157,6 +159,7 @@ impl Config {
             watch_wait: discovery::watch::DEFAULT_WAIT,
             tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
             http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            event_loops: 1,
         })
     }
 

@@ -241,6 +241,7 @@ pub async fn run(
         listener.into_std().map_err(Error::Io)?,
         Arc::clone(&permits),
         handoff_tx,
+        app.config.event_loops,
     )
     .map_err(Error::Io)?;
     tokio::pin!(shutdown);

@@ -423,7 +423,7 @@ fn fast_threads_cpu() -> std::collections::HashMap<u64, Duration> {
         .filter_map(|e| {
             let e = e.ok()?;
             let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            if comm.trim() != "balancer-fast" {
+            if !comm.starts_with("balancer-fast") {
                 return None;
             }
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;

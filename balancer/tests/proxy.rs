@@ -17,14 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-async fn three_backends() -> Vec<Backend> {
-    vec![
-        Backend::start("b1").await,
-        Backend::start("b2").await,
-        Backend::start("b3").await,
-    ]
-}
-
 async fn balancer_for(backends: &[Backend]) -> Balancer {
     let instances = backends.iter().map(|b| b.instance("web")).collect();
     Balancer::with_static(config(&["web"]), vec![("web", instances)]).await

@@ -101,55 +101,81 @@ struct Signals {
     abort: AtomicBool,
 }
 
-/// The fast path's thread, as `run` sees it.
+/// The fast path's event loops, as `run` sees them.
 pub struct FastPath {
-    waker: Arc<Waker>,
+    wakers: Vec<Arc<Waker>>,
     signals: Arc<Signals>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl FastPath {
-    /// Starts serving `listener` on a new thread. Connections it does not serve go to
-    /// `handoffs`; each connection holds one of `permits` while open.
+    /// Starts `loops` event loops (at least one), each on a thread of its own, all accepting
+    /// from `listener`. Connections they do not serve go to `handoffs`; each connection holds
+    /// one of `permits` while open, whichever loop serves it.
+    ///
+    /// Each loop has its own copy of the listening socket (a duplicated descriptor in its own
+    /// epoll instance), its own sockets, pool and timers; a new connection wakes every loop
+    /// and goes to the first to accept it. Routing snapshots and round-robin counters are in
+    /// [`App`], shared: rotation stays exact per request across loops.
     pub fn start(
         app: Arc<App>,
         listener: std::net::TcpListener,
         permits: Arc<Semaphore>,
         handoffs: mpsc::UnboundedSender<Handoff>,
+        loops: usize,
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let signals = Arc::new(Signals::default());
-        let now = Instant::now();
-        let mut engine = Engine {
-            app,
-            poll,
-            listener: Some(listener),
-            permits,
-            handoffs,
+        let mut fast = Self {
+            wakers: Vec::new(),
             signals: Arc::clone(&signals),
-            slots: Slab::new(),
-            pool: HashMap::new(),
-            timers: Timers::default(),
-            next_gen: 0,
-            clients: 0,
-            accept_paused: false,
-            stopping: false,
-            now,
-            out: Vec::with_capacity(1024),
+            threads: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name("balancer-fast".into())
-            .spawn(move || engine.run())?;
-        Ok(Self {
-            waker,
-            signals,
-            thread: Some(thread),
-        })
+        let loops = loops.max(1);
+        for i in 0..loops {
+            let mut listener = TcpListener::from_std(listener.try_clone()?);
+            let poll = Poll::new()?;
+            poll.registry()
+                .register(&mut listener, LISTENER, Interest::READABLE)?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let mut engine = Engine {
+                app: Arc::clone(&app),
+                poll,
+                listener: Some(listener),
+                permits: Arc::clone(&permits),
+                handoffs: handoffs.clone(),
+                signals: Arc::clone(&signals),
+                slots: Slab::new(),
+                pool: HashMap::new(),
+                timers: Timers::default(),
+                next_gen: 0,
+                clients: 0,
+                accept_paused: false,
+                stopping: false,
+                now: Instant::now(),
+                out: Vec::with_capacity(1024),
+            };
+            let name = if loops == 1 {
+                "balancer-fast".to_string()
+            } else {
+                format!("balancer-fast{i}")
+            };
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || engine.run());
+            match spawned {
+                Ok(t) => {
+                    fast.wakers.push(waker);
+                    fast.threads.push(t);
+                }
+                Err(e) => {
+                    // The loops already running are ended by `abort`.
+                    fast.abort();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(fast)
     }
 
     /// Stops accepting: idle connections close now, busy ones after their response.
@@ -158,18 +184,20 @@ impl FastPath {
         self.wake();
     }
 
-    /// Ends every connection at once and waits for the thread.
-    pub fn abort(mut self) {
+    /// Ends every connection at once and waits for the threads.
+    pub fn abort(self) {
         self.signals.abort.store(true, Ordering::Release);
         self.wake();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads {
             let _ = t.join();
         }
     }
 
     fn wake(&self) {
-        if let Err(e) = self.waker.wake() {
-            tracing::error!(error = %e, "cannot wake the fast path");
+        for w in &self.wakers {
+            if let Err(e) = w.wake() {
+                tracing::error!(error = %e, "cannot wake the fast path");
+            }
         }
     }
 }
