@@ -166,16 +166,29 @@ async fn fourth_worker_gets_traffic_soon_after_passing() {
     );
 }
 
-/// `PUT /admin/health fail` on a worker: its check fails and the balancer stops sending to
-/// it; `pass` brings it back.
+/// `PUT /admin/health fail` on a worker's admin listener: its check fails and the balancer
+/// stops sending to it; `pass` brings it back. The same request on the service port, directly
+/// from loopback or through the balancer, changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_flip_takes_a_worker_out_and_back() {
     let started = Instant::now();
     let c = Cluster::start(3).await;
     let w1 = c.workers[0].addr;
+    let w1_admin = c.workers[0].admin;
     let id = worker_id(1);
 
-    let r = request(w1, http::Method::PUT, "/admin/health", "fail")
+    for target in [w1, c.listen] {
+        let r = request(target, http::Method::PUT, "/admin/health", "fail")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "PUT /admin/health via {target}: {r:?}");
+    }
+    for n in 1..=3 {
+        let w = c.workers[n - 1].addr;
+        assert_eq!(get(w, "/health").await.unwrap().status, 200, "worker {n}");
+    }
+
+    let r = request(w1_admin, http::Method::PUT, "/admin/health", "fail")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
@@ -191,7 +204,7 @@ async fn health_flip_takes_a_worker_out_and_back() {
     );
     assert_eq!(tally_out.len(), 2, "{tally_out:?}");
 
-    let r = request(w1, http::Method::PUT, "/admin/health", "pass")
+    let r = request(w1_admin, http::Method::PUT, "/admin/health", "pass")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
