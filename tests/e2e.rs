@@ -321,3 +321,74 @@ async fn members_and_services_commands() {
     assert!(names.contains(&SERVICE), "{out}");
     eprintln!("members/services: {:?}", started.elapsed());
 }
+
+/// A prior-knowledge HTTP/2 client that sends the preface and an empty SETTINGS frame, then
+/// nothing: every server of the cluster (agent, worker, balancer) sends a GOAWAY and closes
+/// the connection once it has been idle with no open stream for the server's idle limit (its
+/// header read timeout: 10 s for the balancer, 30 s for the worker and the agent), as an idle
+/// HTTP/1 keep-alive connection is closed. Such connections once stayed open for good, so
+/// that a few of them could hold every connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_get_goaway_and_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cluster = Cluster::start(1).await;
+    let servers = [
+        ("balancer", cluster.listen),
+        ("worker", cluster.workers[0].addr),
+        ("agent", cluster.agent_addr),
+    ];
+    let mut waits = Vec::new();
+    for (name, addr) in servers {
+        waits.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            let started = Instant::now();
+            // Read frames until the server closes; answer its PINGs as any client does (a
+            // graceful GOAWAY waits for one, to know the client has seen it).
+            let mut buf = Vec::new();
+            let mut types = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(45), async {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while buf.len() >= 9 {
+                        let len = usize::from(buf[0]) << 16
+                            | usize::from(buf[1]) << 8
+                            | usize::from(buf[2]);
+                        if buf.len() < 9 + len {
+                            break;
+                        }
+                        let (kind, flags) = (buf[3], buf[4]);
+                        types.push(kind);
+                        if kind == 6 && flags & 1 == 0 {
+                            let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                            ack.extend_from_slice(&buf[9..17]);
+                            let _ = s.write_all(&ack).await;
+                        }
+                        buf.drain(..9 + len);
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(
+                closed.is_ok(),
+                "{name}: the idle HTTP/2 connection is still open after 45 s"
+            );
+            assert!(types.contains(&7), "{name}: frames {types:?}, no GOAWAY");
+            started.elapsed()
+        }));
+    }
+    for ((name, _), w) in servers.iter().zip(waits) {
+        let took = w.await.unwrap();
+        eprintln!("{name}: idle HTTP/2 connection closed after {took:?}");
+    }
+    drop(cluster);
+}

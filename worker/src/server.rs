@@ -11,9 +11,8 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
@@ -32,6 +31,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection has no reason to idle.
 pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error that is about the process (EMFILE, ENOBUFS), not the peer.
+/// Ping interval on HTTP/2 connections with a stream open, and how long a ping may go
+/// unanswered.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A running accept loop.
@@ -46,7 +48,9 @@ pub struct Server {
 
 /// What the accept loop leaves behind: the connections still open.
 struct Draining {
-    graceful: GracefulShutdown,
+    /// Tells every open connection to finish (HTTP/1 after the current response, h2 with a
+    /// GOAWAY).
+    stop: watch::Sender<bool>,
     conns: JoinSet<()>,
 }
 
@@ -111,26 +115,20 @@ impl Server {
     pub async fn shutdown(self, grace: Duration) -> Drained {
         // The loop may already be gone only if it panicked; either way there is nothing to stop.
         let _ = self.stop.send(());
-        let Ok(Draining {
-            graceful,
-            mut conns,
-        }) = self.task.await
-        else {
+        let Ok(Draining { stop, mut conns }) = self.task.await else {
             tracing::error!(listener = ?self.surface, "the accept loop panicked; nothing left to drain");
             return Drained::Aborted(0);
         };
         tracing::info!(
             listener = ?self.surface,
-            open = graceful.count(),
+            open = conns.len(),
             grace = %discovery::duration::format(grace),
             "listener closed; finishing in-flight requests"
         );
-        match tokio::time::timeout(grace, graceful.shutdown()).await {
-            Ok(()) => {
-                // Every watched connection has finished; reap the tasks.
-                while conns.join_next().await.is_some() {}
-                Drained::Clean
-            }
+        stop.send_replace(true);
+        let drained = async { while conns.join_next().await.is_some() {} };
+        match tokio::time::timeout(grace, drained).await {
+            Ok(()) => Drained::Clean,
             Err(_) => {
                 let cut = conns.len();
                 conns.shutdown().await;
@@ -155,10 +153,16 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // Pings find an HTTP/2 peer that went away while a stream was open (an idle one is
+    // closed by `serve_until_idle`).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(HTTP2_PING_INTERVAL))
+        .keep_alive_timeout(HTTP2_PING_INTERVAL);
     // Shared with the connection tasks, which serve only once the protocol is known.
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let (stop, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     let limit = Arc::new(Semaphore::new(limits.max_connections));
 
@@ -199,12 +203,22 @@ async fn accept_loop(
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
         let st = state.clone();
+        // Open requests (h2 streams), so that a connection idle with none is closed like an
+        // idle HTTP/1 keep-alive one.
+        let activity = Arc::new(discovery::serve::StreamActivity::default());
+        let counted = Arc::clone(&activity);
         let svc = service_fn(move |req| {
             let st = st.clone();
-            async move { handle(&st, surface, peer, req).await }
+            let stream = counted.open();
+            async move {
+                let resp = handle(&st, surface, peer, req).await?;
+                Ok::<_, std::convert::Infallible>(
+                    resp.map(|b| discovery::serve::Tracked::new(b, Some(stream))),
+                )
+            }
         });
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let stop_rx = stop_rx.clone();
         conns.spawn(
             async move {
                 // hyper-util reads the first bytes with no deadline; a client that never
@@ -215,7 +229,12 @@ async fn accept_loop(
                     return;
                 }
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                if let Err(e) = watcher.watch(conn).await {
+                let idle = limits.header_read_timeout;
+                let served =
+                    discovery::serve::serve_until_idle(conn, &activity, idle, stop_rx, |c| {
+                        c.graceful_shutdown()
+                    });
+                if let Err(e) = served.await {
                     // Clients that vanish mid-request are routine; not worth more than debug.
                     tracing::debug!(
                         error = %discovery::error::chain(e.as_ref()),
@@ -229,7 +248,7 @@ async fn accept_loop(
     }
     // Dropping the listener closes the socket: from here on connecting is refused.
     drop(listener);
-    Draining { graceful, conns }
+    Draining { stop, conns }
 }
 
 /// Errors that concern one incoming connection only (it was reset before we took it).
