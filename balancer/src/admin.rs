@@ -74,6 +74,7 @@ pub fn status(app: &App) -> serde_json::Value {
                 "routes": routes,
                 "healthy_instances": b.list.len(),
                 "responses_cut": s.metrics.cut.load(Ordering::Relaxed),
+                "client_aborts": s.metrics.aborted.load(Ordering::Relaxed),
                 "instances": instances,
                 "discovery": discovery,
             })
@@ -192,6 +193,15 @@ pub fn metrics(app: &App) -> String {
             "balancer_responses_cut_total{{service=\"{}\"}} {}",
             label(&s.name),
             s.metrics.cut.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP balancer_client_aborts_total Requests whose client closed before the answer (nginx's 499); the upstream request was abandoned.\n# TYPE balancer_client_aborts_total counter\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_client_aborts_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.metrics.aborted.load(Ordering::Relaxed)
         );
     }
     let t = &app.tunnels;

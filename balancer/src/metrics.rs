@@ -54,6 +54,9 @@ pub struct ServiceMetrics {
     /// Responses cut off mid-body because nothing moved for `--upstream-timeout` (the client
     /// got a truncated answer, although its status was counted as the instance's).
     pub cut: AtomicU64,
+    /// Requests whose client closed before the answer came (nginx's 499): the upstream
+    /// request was abandoned.
+    pub aborted: AtomicU64,
     pub latency: Histogram,
 }
 

@@ -355,11 +355,18 @@ pub async fn handle(
         return ProxyError::NoRoute.into_response();
     };
     let service = Arc::clone(&app.services[app.route_service[route]]);
+    // Dropped unanswered when the client goes away first (hyper drops this future then):
+    // that is counted, and dropping the upstream request closes its connection.
+    let mut abort = AbortWatch {
+        service: Some(Arc::clone(&service)),
+        peer: conn.peer.addr,
+    };
     let upgrade = upgrade_asked(&req).map(|proto| Upgrade {
         proto,
         client: hyper::upgrade::on(&mut req),
     });
     let result = forward(&app, &service, req, &conn.peer, upgrade, conn).await;
+    abort.service = None;
     service.metrics.latency.observe(started.elapsed());
     match result {
         Ok(resp) => resp,
@@ -467,6 +474,22 @@ impl Attempts {
         self.retries_left -= 1;
         self.unsent(backend, attempt, reused);
         true
+    }
+}
+
+/// Counts a request whose client left before its answer (see [`handle`]).
+struct AbortWatch {
+    /// Cleared once the answer is ready.
+    service: Option<Arc<ServiceState>>,
+    peer: SocketAddr,
+}
+
+impl Drop for AbortWatch {
+    fn drop(&mut self) {
+        if let Some(s) = self.service.take() {
+            s.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(service = %s.name, peer = %self.peer, "client closed before the answer (499); upstream request abandoned");
+        }
     }
 }
 

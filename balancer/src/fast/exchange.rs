@@ -358,6 +358,19 @@ impl Engine {
 
     /// Connecting, sending, or reading the response head. `None`: progress; drive on.
     pub(super) fn at_upstream(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        if c.eof {
+            // The client closed while its request waits at the instance: nobody will read
+            // the answer, so the instance's work and the connection slot are let go now
+            // (as nginx does by default; it logs 499).
+            if let Some(x) = c.exchange.take() {
+                if let Some(up) = x.up {
+                    self.close_upstream(up);
+                }
+                x.service.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(service = %x.service.name, peer = %c.peer.addr, "client closed before the answer (499); upstream request abandoned");
+            }
+            return Some(Step::Close);
+        }
         let max_header_bytes = self.app.config.max_header_bytes;
         let Some(x) = c.exchange.as_mut() else {
             return Some(Step::Close);
