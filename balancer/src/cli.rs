@@ -37,7 +37,9 @@ pub struct Args {
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     pub consul_token: Option<String>,
     /// Connect timeout to an instance; a refused or timed-out connect moves on to the next.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    /// It outlives the kernel's SYN retransmits at 1 s and 3 s, so that a burst that
+    /// overflows an instance's accept queue waits instead of failing.
+    #[arg(long, value_parser = parse_duration, default_value = "4s")]
     pub connect_timeout: Duration,
     /// Time from sending a request to an instance until its response head arrives (streaming
     /// the request body counts too); past it the client gets 504. Also the longest pause

@@ -3,8 +3,12 @@
 use std::fmt;
 use std::time::Duration;
 
-/// Default connect timeout to an instance: instances are near, so a slow connect means trouble.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default connect timeout to an instance. An instance whose accept queue is full drops the
+/// SYN, and the kernel sends it again after 1 s and after 3 s: the timeout outlives both
+/// retransmits, so a burst of new connections queues rather than fails (at 1 s, a burst of
+/// 200 connects to an instance with a backlog of 128 failed a third of them). A refused
+/// connect still fails at once.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default time to wait for an instance's response head before answering 504.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a client gets to send its request head.
