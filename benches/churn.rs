@@ -449,7 +449,7 @@ async fn main() {
 
     // 2. Health flips: worker 3 fails its check, then passes again.
     let (steady, start) = steady_state().await;
-    let w3 = c.workers[2].addr;
+    let w3 = c.workers[2].admin;
     let flip = |to: &'static str| async move {
         let r = request(w3, http::Method::PUT, "/admin/health", to)
             .await

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Vagrant demo's steps, run from the host after `vagrant up` (deploy/README.md):
 #
-#   deploy/demo.sh                 rotate, members, services, status, stop and start worker2
+#   deploy/demo.sh                 rotate, members, services, status, then one worker (worker2,
+#                                  or worker1 when WORKERS=1) stops and starts again
 #   deploy/demo.sh rotate [N]      N requests (default 6) through the balancer
 #   deploy/demo.sh members         `consul members` on the Consul server
 #   deploy/demo.sh services        the nodes where "web" is registered, as Consul sees them
@@ -9,6 +10,7 @@
 #   deploy/demo.sh start WORKER    start it again
 #   deploy/demo.sh halt WORKER     `vagrant halt` the whole VM; `deploy/demo.sh up WORKER` to return
 #   deploy/demo.sh status          the balancer's status page
+#   deploy/demo.sh -n [STEP]       print the commands of STEP (default: all of them), run nothing
 #
 # BALANCER_URL / ADMIN_URL default to the ports Vagrant forwards (127.0.0.1:8080 and :8081);
 # http://192.168.56.11:8080 and :8081 reach the balancer VM directly. Use the same
@@ -16,11 +18,27 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+dry=0
+if [[ "${1:-}" == -n ]]; then
+  dry=1
+  shift
+fi
+
 balancer_url=${BALANCER_URL:-http://127.0.0.1:8080}
 admin_url=${ADMIN_URL:-http://127.0.0.1:8081}
 if [[ "${CONSUL_SERVERS:-1}" == 1 ]]; then server=consul; else server=consul1; fi
+workers=${WORKERS:-3}
+if ! [[ "$workers" =~ ^[0-9]+$ ]] || ((workers < 1 || workers > 50)); then
+  echo "WORKERS=$workers: expected a number from 1 to 50, as for vagrant up" >&2
+  exit 64
+fi
+# The worker that leaves and comes back in the full demo.
+if ((workers >= 2)); then leaver=worker2; else leaver=worker1; fi
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+# Runs its arguments, except with -n.
+run() { ((dry)) || "$@"; }
 
 step() {
   if [[ -t 1 ]]; then
@@ -34,29 +52,30 @@ rotate() {
   local n=${1:-6}
   step "for i in \$(seq $n); do curl -s $balancer_url/; done"
   for _ in $(seq "$n"); do
-    curl -sS --max-time 5 "$balancer_url/" || true
+    run curl -sS --max-time 5 "$balancer_url/" || true
   done
 }
 
 members() {
   step "vagrant ssh $server -c 'consul members'"
-  vagrant ssh "$server" -c 'consul members'
+  run vagrant ssh "$server" -c 'consul members'
 }
 
 services() {
   step "vagrant ssh $server -c 'consul catalog nodes -service=web'"
-  vagrant ssh "$server" -c 'consul catalog nodes -service=web'
+  run vagrant ssh "$server" -c 'consul catalog nodes -service=web'
 }
 
 status() {
   step "curl -s $admin_url/status"
-  curl -sS --max-time 5 "$admin_url/status"
-  echo
+  run curl -sS --max-time 5 "$admin_url/status"
+  ((dry)) || echo
 }
 
 # Waits up to 30 s until the balancer's answers include (want=1) or exclude (want=0) $1.
 wait_rotation() {
   local name=$1 want=$2 seen
+  ((dry)) && return 0
   for _ in $(seq 30); do
     seen=0
     for _ in $(seq 6); do
@@ -75,46 +94,43 @@ worker_arg() {
   }
 }
 
+# $1: stop, start, halt or up; $2: the worker. Then waits until the rotation shows it.
+worker_step() {
+  local action=$1 name=$2
+  worker_arg "$name" "$action"
+  case "$action" in
+    stop | start)
+      step "vagrant ssh $name -c 'sudo systemctl $action worker'"
+      run vagrant ssh "$name" -c "sudo systemctl $action worker"
+      ;;
+    halt | up)
+      step "vagrant $action $name"
+      run vagrant "$action" "$name"
+      ;;
+  esac
+  case "$action" in
+    stop | halt) wait_rotation "$name" 0 ;;
+    *) wait_rotation "$name" 1 ;;
+  esac
+}
+
 case "${1:-all}" in
   rotate) rotate "${2:-6}" ;;
   members) members ;;
   services) services ;;
   status) status ;;
-  stop)
-    worker_arg "${2:-}" stop
-    step "vagrant ssh $2 -c 'sudo systemctl stop worker'"
-    vagrant ssh "$2" -c 'sudo systemctl stop worker'
-    wait_rotation "$2" 0
-    ;;
-  start)
-    worker_arg "${2:-}" start
-    step "vagrant ssh $2 -c 'sudo systemctl start worker'"
-    vagrant ssh "$2" -c 'sudo systemctl start worker'
-    wait_rotation "$2" 1
-    ;;
-  halt)
-    worker_arg "${2:-}" halt
-    step "vagrant halt $2"
-    vagrant halt "$2"
-    wait_rotation "$2" 0
-    ;;
-  up)
-    worker_arg "${2:-}" up
-    step "vagrant up $2"
-    vagrant up "$2"
-    wait_rotation "$2" 1
-    ;;
+  stop | start | halt | up) worker_step "$1" "${2:-}" ;;
   all)
     rotate 6
     members
     services
     status
-    step "# worker2 leaves: systemd stops it, it deregisters, drains and exits"
-    "$0" stop worker2
+    step "# $leaver leaves: systemd stops it, it deregisters, drains and exits"
+    worker_step stop "$leaver"
     rotate 6
     services
-    step "# worker2 comes back"
-    "$0" start worker2
+    step "# $leaver comes back"
+    worker_step start "$leaver"
     rotate 6
     ;;
   help | -h | --help) usage ;;

@@ -7,6 +7,12 @@
 # the first VM to get here takes deploy/bin/.build-lock and builds inside the VM; every other VM
 # waits for the result. This needs a two-way synced folder (VirtualBox's default; NFS on libvirt).
 # The Vagrantfile clears a lock left by an interrupted run at the start of each vagrant command.
+#
+# BUILD_IN_VM=1 (passed on by the Vagrantfile) also counts binaries built on the host as stale, so
+# a VM builds them even when deploy/bin/ matches the sources; binaries a VM built are kept.
+#
+#   install-binaries.sh --check    only tells: exits 0 when deploy/bin/ would be installed as it
+#                                  is, 1 when this VM would build (or wait for another VM) first
 set -euo pipefail
 
 deploy=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +30,9 @@ want=$(source_id "$root")
 ready() {
   local b tmp status=0
   [[ "$(cat "$bin/SOURCE_ID" 2>/dev/null || true)" == "$want" ]] || return 1
+  if truthy "${BUILD_IN_VM:-0}" && [[ "$(cat "$bin/BUILT_BY" 2>/dev/null || true)" != vm* ]]; then
+    return 1
+  fi
   tmp=$(mktemp -d)
   for b in "${BINARIES[@]}"; do
     # Run a local copy: a synced folder may be mounted noexec. A binary from a host with
@@ -49,10 +58,11 @@ build_here() {
   export RUSTUP_HOME=${RUSTUP_HOME:-/opt/rustup} CARGO_HOME=${CARGO_HOME:-/opt/cargo}
   export PATH="$CARGO_HOME/bin:$PATH"
   if ! command -v rustup >/dev/null 2>&1; then
-    # rustup's installer, non-interactive; rust-toolchain.toml then picks the toolchain.
+    # rustup's installer, non-interactive, with no toolchain: the next step installs the pinned one.
     curl --proto '=https' --tlsv1.2 -fsSL --retry 3 https://sh.rustup.rs \
       | sh -s -- -y --no-modify-path --profile minimal --default-toolchain none
   fi
+  install_toolchain "$root"
 
   # rustc and the linker want more memory than a small VM has: lend them a swap file.
   if [[ ! -e "$swap" ]] && (($(awk '/MemTotal/ {print $2}' /proc/meminfo) < 3000000)); then
@@ -70,8 +80,18 @@ build_here() {
   for b in "${BINARIES[@]}"; do
     publish "$target/release/$b" "$bin/$b"
   done
+  publish_text "$bin/BUILT_BY" "vm $(hostname)"
   publish_text "$bin/SOURCE_ID" "$want"
 }
+
+case "${1:-}" in
+  "") ;;
+  --check) if ready; then exit 0; else exit 1; fi ;;
+  *)
+    echo "usage: $0 [--check]" >&2
+    exit 64
+    ;;
+esac
 
 swap=/var/tmp/build.swap
 # Runs on exit, also when the build fails: take back the swap file, then release the lock.

@@ -55,5 +55,8 @@ if [[ "$installed" != "install ok installed"* ]] \
   log "consul: apt-get install $pkg"
   # --allow-downgrades: a pinned CONSUL_VERSION may be older than the installed one.
   apt_get install -y -qq --no-install-recommends ${CONSUL_VERSION:+--allow-downgrades} "$pkg"
+  # provision.sh restarts a running agent whose binary this replaced.
+  before=${installed##* }
+  log "consul: package ${before:-none} -> $(dpkg-query -W -f '${Version}' consul)"
 fi
 log "consul: $(consul version | head -n1)"

@@ -8,7 +8,8 @@
 #
 # Steps: Consul from HashiCorp's apt repository, its configuration, our three binaries in
 # /usr/local/bin, and by role the worker or balancer unit. Idempotent: running it again changes
-# nothing, and restarts a service only when its binary, unit or configuration changed.
+# nothing, and restarts a service only when its binary, unit or configuration changed (for
+# Consul: when the package replaced the binary the agent runs).
 set -euo pipefail
 
 deploy=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -43,6 +44,13 @@ if ! cmp -s "$deploy/systemd/consul.service.d/type-exec.conf" "$dropin"; then
   restart_consul=1
 fi
 if grep -qxF /etc/consul.d/consul.hcl <<<"$changed_config"; then
+  restart_consul=1
+fi
+# A new consul package (another CONSUL_VERSION, or an upgrade) replaces the binary, but its
+# postinstall only reloads systemd: the agent keeps running the old version until restarted.
+consul_pid=$(systemctl show -p MainPID --value consul 2>/dev/null || echo 0)
+if [[ "$consul_pid" =~ ^[1-9][0-9]*$ ]] && exe_replaced "$consul_pid"; then
+  log "provision: the consul package changed under the running agent"
   restart_consul=1
 fi
 consul validate /etc/consul.d >/dev/null

@@ -120,6 +120,9 @@ WORKER_LISTEN=0.0.0.0:9001
 WORKER_ADVERTISE=$ip
 WORKER_ID=$name
 WORKER_MESSAGE=$(quote "${WORKER_MESSAGE:-hello from $name}")
+# The health switch (PUT /admin/health), on its own loopback port, never on the service port:
+# curl -X PUT -d fail http://127.0.0.1:10001/admin/health on this VM takes it out of rotation.
+WORKER_ADMIN=127.0.0.1:10001
 # Leave Consul, wait for the balancers to notice, then drain (TimeoutStopSec allows for both).
 WORKER_DRAIN_DELAY=2s
 WORKER_SHUTDOWN_GRACE=10s

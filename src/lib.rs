@@ -51,7 +51,8 @@ pub struct LaunchArgs {
     /// Address of the balancer's admin listener (/status, /metrics).
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub admin: SocketAddr,
-    /// Port of the first worker; the others follow (9001, 9002, ...).
+    /// Port of the first worker; the others follow (9001, 9002, ...). Each worker's admin
+    /// listener (the health switch) is on loopback at its port + 1000 (10001, 10002, ...).
     #[arg(long, default_value_t = 9001)]
     pub worker_port: u16,
     /// Consul service name of the workers.
@@ -81,10 +82,14 @@ struct Plan {
 impl Plan {
     fn new(a: &LaunchArgs) -> Result<Self, String> {
         let last = u32::from(a.worker_port) + u32::from(a.workers) - 1;
-        if a.worker_port == 0 || last > 65535 {
+        let last_admin = last + u32::from(worker::config::ADMIN_PORT_OFFSET);
+        if a.worker_port == 0 || last_admin > 65535 {
             return Err(format!(
-                "--worker-port {} with --workers {} runs past port 65535",
-                a.worker_port, a.workers
+                "--worker-port {} with --workers {} runs past port 65535 (the workers' admin \
+                 ports are theirs + {})",
+                a.worker_port,
+                a.workers,
+                worker::config::ADMIN_PORT_OFFSET
             ));
         }
         let workers = (0..a.workers)
@@ -117,11 +122,23 @@ impl Plan {
         }
         for (i, w) in self.workers.iter().enumerate() {
             out.push((*w, format!("worker-{} (--worker-port)", i + 1)));
+            out.push((
+                worker_admin(*w),
+                format!("worker-{}'s admin listener (--worker-port + 1000)", i + 1),
+            ));
         }
         out.push((self.listen, "the balancer (--listen)".into()));
         out.push((self.admin, "the balancer's admin listener (--admin)".into()));
         out
     }
+}
+
+/// The admin listener (health switch) of the worker serving on `w`: loopback at its port +
+/// 1000, the worker's own default, passed explicitly so the launcher's port check covers it.
+/// [`Plan::new`] keeps the sum within the port range.
+fn worker_admin(w: SocketAddr) -> SocketAddr {
+    let port = w.port().saturating_add(worker::config::ADMIN_PORT_OFFSET);
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Fails with a message naming the first address that is already taken.
@@ -361,6 +378,8 @@ async fn start<F: Future<Output = ()>>(
                 plan.service.clone(),
                 "--listen".into(),
                 w.to_string(),
+                "--admin".into(),
+                worker_admin(*w).to_string(),
                 "--id".into(),
                 plan.worker_id(n),
                 "--message".into(),
@@ -648,6 +667,14 @@ fn print_summary(plan: &Plan, agent: &[Proc], workers: &[Proc], balancer: &[Proc
     );
     println!("  curl -s http://{}/status", plan.admin);
     println!("  curl -s http://{}/metrics", plan.admin);
+    // Worker 2 in the default cluster, as in the README; the only one with --workers 1.
+    if let Some((n, w)) = plan.workers.iter().enumerate().take(2).next_back() {
+        println!(
+            "  curl -X PUT -d fail http://{}/admin/health     (worker-{} out of rotation; -d pass brings it back)",
+            worker_admin(*w),
+            n + 1
+        );
+    }
     println!(
         "  cargo run --release -- members --http-addr {}     (like `consul members`)",
         plan.consul
@@ -694,7 +721,7 @@ async fn supervise(
                     p.name
                 );
                 p.stdin = None;
-                return ExitCode::from(1);
+                return ExitCode::from(discovery::cli::EXIT_UNAVAILABLE);
             }
         }
     }
@@ -744,8 +771,9 @@ mod tests {
         let p = Plan::new(&args(&[])).unwrap();
         assert_eq!(p.workers.len(), 3);
         assert_eq!(p.workers[2].port(), 9003);
+        assert_eq!(worker_admin(p.workers[2]).port(), 10003);
         assert_eq!(p.agent, Some("127.0.0.1:8500".parse().unwrap()));
-        assert_eq!(p.ports().len(), 6);
+        assert_eq!(p.ports().len(), 9);
     }
 
     #[test]
@@ -753,12 +781,15 @@ mod tests {
         let p = Plan::new(&args(&["--consul-addr", "10.0.0.1:8500", "--workers", "2"])).unwrap();
         assert_eq!(p.agent, None);
         assert_eq!(p.consul, "10.0.0.1:8500");
-        assert_eq!(p.ports().len(), 4);
+        assert_eq!(p.ports().len(), 6);
     }
 
     #[test]
     fn port_range_checked() {
         assert!(Plan::new(&args(&["--worker-port", "65535", "--workers", "2"])).is_err());
+        // The last worker's admin port must fit too.
+        assert!(Plan::new(&args(&["--worker-port", "64535", "--workers", "2"])).is_err());
+        assert!(Plan::new(&args(&["--worker-port", "64535", "--workers", "1"])).is_ok());
     }
 
     #[test]

@@ -166,16 +166,29 @@ async fn fourth_worker_gets_traffic_soon_after_passing() {
     );
 }
 
-/// `PUT /admin/health fail` on a worker: its check fails and the balancer stops sending to
-/// it; `pass` brings it back.
+/// `PUT /admin/health fail` on a worker's admin listener: its check fails and the balancer
+/// stops sending to it; `pass` brings it back. The same request on the service port, directly
+/// from loopback or through the balancer, changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_flip_takes_a_worker_out_and_back() {
     let started = Instant::now();
     let c = Cluster::start(3).await;
     let w1 = c.workers[0].addr;
+    let w1_admin = c.workers[0].admin;
     let id = worker_id(1);
 
-    let r = request(w1, http::Method::PUT, "/admin/health", "fail")
+    for target in [w1, c.listen] {
+        let r = request(target, http::Method::PUT, "/admin/health", "fail")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "PUT /admin/health via {target}: {r:?}");
+    }
+    for n in 1..=3 {
+        let w = c.workers[n - 1].addr;
+        assert_eq!(get(w, "/health").await.unwrap().status, 200, "worker {n}");
+    }
+
+    let r = request(w1_admin, http::Method::PUT, "/admin/health", "fail")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
@@ -191,7 +204,7 @@ async fn health_flip_takes_a_worker_out_and_back() {
     );
     assert_eq!(tally_out.len(), 2, "{tally_out:?}");
 
-    let r = request(w1, http::Method::PUT, "/admin/health", "pass")
+    let r = request(w1_admin, http::Method::PUT, "/admin/health", "pass")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
@@ -342,4 +355,75 @@ async fn silent_admin_connections_leave_the_proxy_port_alone() {
         c.status().await.is_some()
     })
     .await;
+}
+
+/// A prior-knowledge HTTP/2 client that sends the preface and an empty SETTINGS frame, then
+/// nothing: every server of the cluster (agent, worker, balancer) sends a GOAWAY and closes
+/// the connection once it has been idle with no open stream for the server's idle limit (its
+/// header read timeout: 10 s for the balancer, 30 s for the worker and the agent), as an idle
+/// HTTP/1 keep-alive connection is closed. Such connections once stayed open for good, so
+/// that a few of them could hold every connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_get_goaway_and_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cluster = Cluster::start(1).await;
+    let servers = [
+        ("balancer", cluster.listen),
+        ("worker", cluster.workers[0].addr),
+        ("agent", cluster.agent_addr),
+    ];
+    let mut waits = Vec::new();
+    for (name, addr) in servers {
+        waits.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            let started = Instant::now();
+            // Read frames until the server closes; answer its PINGs as any client does (a
+            // graceful GOAWAY waits for one, to know the client has seen it).
+            let mut buf = Vec::new();
+            let mut types = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(45), async {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while buf.len() >= 9 {
+                        let len = usize::from(buf[0]) << 16
+                            | usize::from(buf[1]) << 8
+                            | usize::from(buf[2]);
+                        if buf.len() < 9 + len {
+                            break;
+                        }
+                        let (kind, flags) = (buf[3], buf[4]);
+                        types.push(kind);
+                        if kind == 6 && flags & 1 == 0 {
+                            let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                            ack.extend_from_slice(&buf[9..17]);
+                            let _ = s.write_all(&ack).await;
+                        }
+                        buf.drain(..9 + len);
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(
+                closed.is_ok(),
+                "{name}: the idle HTTP/2 connection is still open after 45 s"
+            );
+            assert!(types.contains(&7), "{name}: frames {types:?}, no GOAWAY");
+            started.elapsed()
+        }));
+    }
+    for ((name, _), w) in servers.iter().zip(waits) {
+        let took = w.await.unwrap();
+        eprintln!("{name}: idle HTTP/2 connection closed after {took:?}");
+    }
+    drop(cluster);
 }

@@ -70,6 +70,26 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// The launcher puts each worker's admin listener at its port + 1000.
+const ADMIN_OFFSET: u16 = 1000;
+
+/// The first of three free worker ports whose admin ports (+ 1000) are free as well.
+fn free_worker_ports() -> u16 {
+    loop {
+        let p = free_ports(3);
+        if (0..3).all(|i| port_is_free(addr(p + ADMIN_OFFSET + i))) {
+            return p;
+        }
+    }
+}
+
+/// The URL of the "make a worker unhealthy" line of the summary's `Try:` list.
+fn health_switch_url(stdout: &str) -> Option<String> {
+    let line = stdout.lines().find(|l| l.contains("/admin/health"))?;
+    let url = line.split_whitespace().find(|w| w.starts_with("http://"))?;
+    Some(url.to_string())
+}
+
 /// `cluster --agent-addr … --listen … --admin … --worker-port …` comes up, and the first 30
 /// requests after its banner split 10/10/10 over the three workers; on SIGINT it exits 0
 /// leaving no process and no bound port behind.
@@ -79,8 +99,12 @@ async fn launcher_runs_the_cluster_and_stops_cleanly() {
     let agent = free_addr();
     let listen = free_addr();
     let admin = free_addr();
-    let worker_port = free_ports(3);
+    let worker_port = free_worker_ports();
     let workers: Vec<SocketAddr> = (0..3).map(|i| addr(worker_port + i)).collect();
+    let worker_admins: Vec<SocketAddr> = workers
+        .iter()
+        .map(|w| addr(w.port() + ADMIN_OFFSET))
+        .collect();
     let proc = Proc::spawn(
         "launcher",
         &args(&[
@@ -146,6 +170,32 @@ async fn launcher_runs_the_cluster_and_stops_cleanly() {
         );
     }
 
+    // The summary's health-switch command works as printed: worker-2's admin listener takes it;
+    // the same request on worker-2's service port is not found.
+    let stdout = l.proc.stdout();
+    let url =
+        health_switch_url(&stdout).unwrap_or_else(|| panic!("no /admin/health line:\n{stdout}"));
+    assert_eq!(
+        url,
+        format!("http://{}/admin/health", worker_admins[1]),
+        "the summary names worker-2's admin listener:\n{stdout}"
+    );
+    assert!(stdout.contains("(worker-2 out of rotation"), "{stdout}");
+    let r = request(workers[1], http::Method::PUT, "/admin/health", "fail")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = request(worker_admins[1], http::Method::PUT, "/admin/health", "fail")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "unhealthy\n"), "{r:?}");
+    assert_eq!(get(workers[1], "/health").await.unwrap().status, 503);
+    let r = request(worker_admins[1], http::Method::PUT, "/admin/health", "pass")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{r:?}");
+    assert_eq!(get(workers[1], "/health").await.unwrap().status, 200);
+
     l.proc.signal("INT");
     let status = l.proc.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "{}", l.proc.logs());
@@ -165,6 +215,7 @@ async fn launcher_runs_the_cluster_and_stops_cleanly() {
     }
     let mut all = vec![agent, listen, admin];
     all.extend(&workers);
+    all.extend(&worker_admins);
     for a in all {
         assert!(
             port_is_free(a),
@@ -190,7 +241,7 @@ async fn launcher_names_a_taken_port() {
             "--admin",
             &free_addr().to_string(),
             "--worker-port",
-            &free_ports(3).to_string(),
+            &free_worker_ports().to_string(),
         ]),
         DEADLINE,
     )

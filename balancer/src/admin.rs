@@ -103,6 +103,8 @@ pub fn status(app: &App) -> serde_json::Value {
                 "name": s.name,
                 "routes": routes,
                 "healthy_instances": b.list.len(),
+                "responses_cut": s.metrics.cut.load(Ordering::Relaxed),
+                "client_aborts": s.metrics.aborted.load(Ordering::Relaxed),
                 "instances": instances,
                 "recently_removed": gone,
                 "discovery": discovery,
@@ -119,6 +121,11 @@ pub fn status(app: &App) -> serde_json::Value {
         },
         "requests_without_route": app.no_route.load(Ordering::Relaxed),
         "http1_handoffs": app.handoffs.load(Ordering::Relaxed),
+        "tunnels": {
+            "open": app.tunnels.open.load(Ordering::Relaxed),
+            "total": app.tunnels.total.load(Ordering::Relaxed),
+            "idle_closed": app.tunnels.idle_closed.load(Ordering::Relaxed),
+        },
         "services": services,
         "now_ms": crate::dashboard::unix_ms(SystemTime::now()),
         "events": app.history.events().iter().map(|e| json!({
@@ -223,6 +230,28 @@ pub fn metrics(app: &App) -> String {
         }
     }
     let _ = writeln!(out, "# HELP balancer_http1_handoffs_total HTTP/1 connections the fast path handed to the general path (HTTP/1.0, Expect, upgrades, chunked or large uploads).\n# TYPE balancer_http1_handoffs_total counter\nbalancer_http1_handoffs_total {}", app.handoffs.load(Ordering::Relaxed));
+    out.push_str("# HELP balancer_responses_cut_total Responses cut off mid-body after nothing moved for the upstream timeout.\n# TYPE balancer_responses_cut_total counter\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_responses_cut_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.metrics.cut.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP balancer_client_aborts_total Requests whose client closed before the answer (nginx's 499); the upstream request was abandoned.\n# TYPE balancer_client_aborts_total counter\n");
+    for s in &app.services {
+        let _ = writeln!(
+            out,
+            "balancer_client_aborts_total{{service=\"{}\"}} {}",
+            label(&s.name),
+            s.metrics.aborted.load(Ordering::Relaxed)
+        );
+    }
+    let t = &app.tunnels;
+    let _ = writeln!(out, "# HELP balancer_tunnels Upgraded connections (WebSocket) open.\n# TYPE balancer_tunnels gauge\nbalancer_tunnels {}", t.open.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP balancer_tunnels_total Upgraded connections (WebSocket) opened.\n# TYPE balancer_tunnels_total counter\nbalancer_tunnels_total {}", t.total.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP balancer_tunnels_closed_total Upgraded connections the balancer closed, by reason.\n# TYPE balancer_tunnels_closed_total counter\nbalancer_tunnels_closed_total{{reason=\"idle\"}} {}\nbalancer_tunnels_closed_total{{reason=\"shutdown\"}} {}", t.idle_closed.load(Ordering::Relaxed), t.shutdown_closed.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP balancer_connections Client connections open.\n# TYPE balancer_connections gauge\nbalancer_connections {}", app.connections.load(Ordering::Relaxed));
     out
 }

@@ -45,16 +45,27 @@ pub struct Args {
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     pub consul_token: Option<String>,
     /// Connect timeout to an instance; a refused or timed-out connect moves on to the next.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    /// It outlives the kernel's SYN retransmits at 1 s and 3 s, so that a burst that
+    /// overflows an instance's accept queue waits instead of failing.
+    #[arg(long, value_parser = parse_duration, default_value = "4s")]
     pub connect_timeout: Duration,
     /// Time from sending a request to an instance until its response head arrives (streaming
     /// the request body counts too); past it the client gets 504. Also the longest pause
     /// allowed within a response body; past it the answer is cut off.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
-    /// Time a client gets to send its request head.
+    /// Time a client gets to send its request head; also how long an idle keep-alive
+    /// connection (HTTP/1, or HTTP/2 with no open stream) stays open.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
+    /// An upgraded connection (WebSocket) that carries nothing either way for this long is
+    /// closed.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub tunnel_idle_timeout: Duration,
+    /// Most concurrent streams on one HTTP/2 client connection (each may hold an upstream
+    /// connection).
+    #[arg(long, default_value_t = config::DEFAULT_HTTP2_MAX_STREAMS)]
+    pub http2_max_streams: u32,
     /// Idle pooled connections to instances are closed after this; keep it below the
     /// instances' own keep-alive idle limit.
     #[arg(long, value_parser = parse_duration, default_value = "20s")]
@@ -71,11 +82,14 @@ pub struct Args {
     /// Longest Consul blocking-query wait.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub watch_wait: Duration,
-    /// Threads of the runtime behind the fast path: connections it hands over (HTTP/2,
-    /// HTTP/1.0, upgrades, large uploads), discovery and the admin listener. 1 (the default)
-    /// is a single thread; N > 1 a work-stealing pool of N threads; 0 one per CPU. The HTTP/1
-    /// fast path always runs on one thread of its own.
-    #[arg(long, env = "BALANCER_THREADS", default_value_t = 1)]
+    /// Threads serving clients: N event loops for the HTTP/1 fast path, each on its own
+    /// thread with its own sockets, pool and timers (routing and round robin are shared, so
+    /// rotation stays exact), and the runtime behind them (connections handed over: HTTP/2,
+    /// HTTP/1.0, upgrades, large uploads; discovery; the admin listener), which is one
+    /// thread for 1 and N threads otherwise. 0 (the default) is one per CPU. On a machine
+    /// shared with the instances or a load generator, 1 gives the most requests per
+    /// CPU-second.
+    #[arg(long, env = "BALANCER_THREADS", default_value_t = 0)]
     pub threads: usize,
 }
 
@@ -91,11 +105,24 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     if cli.max_connections == 0 {
         return usage("--max-connections must be at least 1");
     }
+    if cli.http2_max_streams == 0 {
+        return usage("--http2-max-streams must be at least 1");
+    }
     if cli.admin_max_connections == 0 {
         return usage("--admin-max-connections must be at least 1");
     }
-    if cli.admin_idle_timeout.is_zero() {
-        return usage("--admin-idle-timeout must be more than 0");
+    // A zero timeout would turn every request into a 504, or close every connection at once.
+    for (flag, d) in [
+        ("--connect-timeout", cli.connect_timeout),
+        ("--upstream-timeout", cli.upstream_timeout),
+        ("--header-read-timeout", cli.header_read_timeout),
+        ("--pool-idle-timeout", cli.pool_idle_timeout),
+        ("--tunnel-idle-timeout", cli.tunnel_idle_timeout),
+        ("--admin-idle-timeout", cli.admin_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return usage(format!("{flag} must be more than 0"));
+        }
     }
     config.admin_max_connections = cli.admin_max_connections;
     config.admin_idle_timeout = cli.admin_idle_timeout;
@@ -106,6 +133,8 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     config.shutdown_grace = cli.shutdown_grace;
     config.max_connections = cli.max_connections;
     config.retries = cli.retries;
+    config.tunnel_idle_timeout = cli.tunnel_idle_timeout;
+    config.http2_max_streams = cli.http2_max_streams;
     config.watch_wait = cli.watch_wait.max(Duration::from_secs(1));
     let admin: Option<SocketAddr> = if cli.admin == "off" {
         None
@@ -137,9 +166,13 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     // cross-thread wake-ups. Measured with ../shared/bench on 2 cores shared with the load
     // generator and the instances, when this runtime served every request: ~39k requests per
     // CPU-second on one thread, ~22k on the default two-thread pool.
-    let mut rt = match cli.threads {
+    let threads = match cli.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    config.event_loops = threads;
+    let mut rt = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);

@@ -3,8 +3,12 @@
 use std::fmt;
 use std::time::Duration;
 
-/// Default connect timeout to an instance: instances are near, so a slow connect means trouble.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default connect timeout to an instance. An instance whose accept queue is full drops the
+/// SYN, and the kernel sends it again after 1 s and after 3 s: the timeout outlives both
+/// retransmits, so a burst of new connections queues rather than fails (at 1 s, a burst of
+/// 200 connects to an instance with a backlog of 128 failed a third of them). A refused
+/// connect still fails at once.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default time to wait for an instance's response head before answering 504.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a client gets to send its request head.
@@ -28,6 +32,12 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of extra attempts for idempotent requests that failed after being sent.
 pub const DEFAULT_RETRIES: u32 = 2;
+/// Default time an upgraded connection (WebSocket) may carry nothing either way before it is
+/// closed: generous, since a quiet WebSocket is normal, but never unbounded.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default most concurrent streams of one HTTP/2 client connection, which bounds the
+/// upstream connections one client connection can hold open at once.
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 64;
 
 /// One route: requests whose path starts with `prefix` go to Consul service `service`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +132,11 @@ pub struct Config {
     pub admin_idle_timeout: Duration,
     /// Consul blocking-query wait for the watchers.
     pub watch_wait: Duration,
+    /// Longest silence both ways on an upgraded connection.
+    pub tunnel_idle_timeout: Duration,
+    pub http2_max_streams: u32,
+    /// HTTP/1 fast-path event loops, each on its own thread (at least one).
+    pub event_loops: usize,
 }
 
 impl Config {
@@ -159,6 +174,9 @@ impl Config {
             admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             admin_idle_timeout: DEFAULT_ADMIN_IDLE_TIMEOUT,
             watch_wait: discovery::watch::DEFAULT_WAIT,
+            tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            event_loops: 1,
         })
     }
 

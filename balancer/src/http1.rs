@@ -160,8 +160,34 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
+/// Headers that say where a message ends or what it is for; a `Connection` header that
+/// names them is ignored for them.
+fn is_framing(name: &[u8]) -> bool {
+    eq(name, "content-length") || eq(name, "transfer-encoding") || eq(name, "host")
+}
+
 fn named_in(name: &[u8], names: &[&[u8]]) -> bool {
     names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Where the request head at the start of `buf` ends (just past its empty line), looking
+/// only at bytes from `from` on: earlier calls scanned the bytes before it and found no end,
+/// so a head that arrives a byte at a time costs linear work, not quadratic. `Err` on a bare
+/// LF: lines end in CRLF here (RFC 9112 §2.2), since a proxy that reads LF alone as a line
+/// end where the instance does not is one the two can disagree about.
+pub(crate) fn find_head_end(buf: &[u8], from: usize) -> Result<Option<usize>, ()> {
+    let mut i = from.min(buf.len());
+    while let Some(off) = buf[i..].iter().position(|b| *b == b'\n') {
+        let at = i + off;
+        if at == 0 || buf[at - 1] != b'\r' {
+            return Err(());
+        }
+        if at >= 3 && buf[at - 3..at - 1] == *b"\r\n" {
+            return Ok(Some(at + 1));
+        }
+        i = at + 1;
+    }
+    Ok(None)
 }
 
 /// Parses a request head at the start of `buf`; on success the head to send upstream is in
@@ -185,17 +211,20 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Handoff;
     };
-    if method == "CONNECT" || !target.starts_with('/') {
+    if method == "CONNECT" {
+        // A reverse proxy has no tunnel to offer; hyper would pass it on as `CONNECT /`.
+        tracing::info!(peer = %peer.addr, "CONNECT refused (501)");
+        return Parsed::Reject(StatusCode::NOT_IMPLEMENTED);
+    }
+    if !target.starts_with('/') {
         return Parsed::Handoff;
     }
     let facts = HeadFacts::scan(req.headers);
-    // Invalid or conflicting lengths, chunked uploads, `Expect` and upgrades: hyper's.
-    if facts.bad_length
-        || facts.too_many_names
-        || facts.transfer_encoding
-        || facts.expect
-        || (facts.upgrade && facts.upgrade_header)
-    {
+    if let Err(status) = facts.check_request() {
+        return Parsed::Reject(status);
+    }
+    // Chunked uploads, `Expect` and upgrades: hyper's.
+    if facts.too_many_names || facts.transfer_encoding || facts.expect || facts.upgrade_request() {
         return Parsed::Handoff;
     }
     let length = facts.length;
@@ -205,6 +234,8 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
         None => 0,
     };
     let names = facts.names();
+    // A fragment is the client's own business (RFC 9110 §7.1): never sent on.
+    let target = target.split_once('#').map_or(target, |(t, _)| t);
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -215,7 +246,8 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
     let mut prior_xff = false;
     for h in req.headers.iter() {
         let n = h.name.as_bytes();
-        if is_hop_by_hop(n) || named_in(n, names) {
+        // The body's framing is ours to state: one `Content-Length`, written below.
+        if is_hop_by_hop(n) || named_in(n, names) || eq(n, "content-length") {
             continue;
         }
         if n.len() > 11 && n[..11].eq_ignore_ascii_case(b"x-forwarded") {
@@ -227,10 +259,15 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
                 continue;
             }
         }
-        if host.is_none() && eq(n, "host") {
+        if eq(n, "host") {
             host = Some(h.value);
         }
         write_header(out, n, h.value);
+    }
+    if let Some(len) = length {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, len);
+        out.extend_from_slice(b"\r\n");
     }
     // Earlier hops may have sent several X-Forwarded-For lines: one line, all in order.
     out.extend_from_slice(b"x-forwarded-for: ");
@@ -330,16 +367,19 @@ pub(crate) fn parse_response(
     write_status_line(out, status, resp.reason.unwrap_or(""));
     for h in resp.headers.iter() {
         let n = h.name.as_bytes();
-        // The body passes through unchanged, so its `Transfer-Encoding` does too; a length
-        // beside it is dropped (RFC 9112 §6.3).
+        // The body passes through unchanged, so its `Transfer-Encoding` does too. Lengths
+        // are written once below, normalised; beside a transfer coding there is none (RFC
+        // 9112 §6.3).
         let coding = eq(n, "transfer-encoding");
-        if (is_hop_by_hop(n) && !coding)
-            || named_in(n, names)
-            || (transfer_encoding && eq(n, "content-length"))
-        {
+        if (is_hop_by_hop(n) && !coding) || named_in(n, names) || eq(n, "content-length") {
             continue;
         }
         write_header(out, n, h.value);
+    }
+    if let (false, Some(len)) = (transfer_encoding, length) {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, len);
+        out.extend_from_slice(b"\r\n");
     }
     if close || framing == Framing::Close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -380,6 +420,14 @@ struct HeadFacts<'a> {
     chunked: bool,
     upgrade_header: bool,
     expect: bool,
+    /// `Transfer-Encoding` lines.
+    te_lines: u32,
+    /// A transfer coding other than `chunked`.
+    other_coding: bool,
+    /// `chunked` before the last coding (or twice).
+    chunked_early: bool,
+    /// `Host` lines.
+    hosts: u32,
 }
 
 impl<'a> HeadFacts<'a> {
@@ -397,6 +445,10 @@ impl<'a> HeadFacts<'a> {
             chunked: false,
             upgrade_header: false,
             expect: false,
+            te_lines: 0,
+            other_coding: false,
+            chunked_early: false,
+            hosts: 0,
         };
         for h in headers {
             let n = h.name.as_bytes();
@@ -408,6 +460,9 @@ impl<'a> HeadFacts<'a> {
                         f.keep_alive = true;
                     } else if eq(t, "upgrade") {
                         f.upgrade = true;
+                    } else if is_framing(t) {
+                        // The message's framing and target are never one hop's business
+                        // (RFC 9110 §7.6.1): ignored, so they cannot be stripped away.
                     } else if f.named == MAX_CONNECTION_NAMES {
                         f.too_many_names = true;
                     } else {
@@ -422,7 +477,21 @@ impl<'a> HeadFacts<'a> {
                 }
             } else if eq(n, "transfer-encoding") {
                 f.transfer_encoding = true;
-                f.chunked = tokens(h.value).last().is_some_and(|t| eq(t, "chunked"));
+                f.te_lines += 1;
+                let mut codings = tokens(h.value).peekable();
+                f.chunked = false;
+                while let Some(t) = codings.next() {
+                    let last = codings.peek().is_none();
+                    if eq(t, "chunked") {
+                        // Chunked twice, or before another coding: no reading of it is safe.
+                        f.chunked_early |= !last || f.chunked;
+                        f.chunked = last;
+                    } else {
+                        f.other_coding = true;
+                    }
+                }
+            } else if eq(n, "host") {
+                f.hosts += 1;
             } else if eq(n, "upgrade") {
                 f.upgrade_header = true;
             } else if eq(n, "expect") {
@@ -430,6 +499,30 @@ impl<'a> HeadFacts<'a> {
             }
         }
         f
+    }
+
+    /// Whether a request head's framing and target are unambiguous (RFC 9112 §3.2, §6.1,
+    /// §6.3); if not, the answer to give before closing. Nothing of such a request is sent
+    /// on: a proxy that guesses here is one that can be made to see two requests where the
+    /// instance sees one.
+    fn check_request(&self) -> Result<(), StatusCode> {
+        if self.hosts != 1 || self.bad_length {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if self.transfer_encoding {
+            if self.length.is_some() || !self.chunked || self.chunked_early || self.te_lines > 1 {
+                return Err(StatusCode::BAD_REQUEST);
+            }
+            if self.other_coding {
+                return Err(StatusCode::NOT_IMPLEMENTED);
+            }
+        }
+        Ok(())
+    }
+
+    /// The request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
+    pub(crate) fn upgrade_request(&self) -> bool {
+        self.upgrade && self.upgrade_header
     }
 
     fn names(&self) -> &[&'a [u8]] {

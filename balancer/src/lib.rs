@@ -16,6 +16,7 @@
 //!   event loop on its own thread.
 //! - `http1`: request and response heads for the fast path.
 //! - [`chunked`]: where a chunked body ends, for the fast path.
+//! - [`tunnel`]: upgraded connections (WebSocket), spliced both ways.
 //! - [`admin`]: the dashboard, `/status`, `/metrics`, `/health` on the admin listener.
 //! - [`dashboard`]: the dashboard's page (compiled in), last-minute rates and timeline.
 //! - [`metrics`]: atomic counters and histogram, Prometheus text.
@@ -33,6 +34,7 @@ pub mod metrics;
 mod prefixed;
 pub mod proxy;
 pub mod service;
+pub mod tunnel;
 pub mod upstream;
 
 use std::future::Future;
@@ -41,7 +43,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -65,11 +66,30 @@ pub struct App {
     pub connections: AtomicU64,
     /// HTTP/1 connections the fast path handed to hyper (see [`fast`]).
     pub handoffs: AtomicU64,
+    /// Upgraded connections (see [`tunnel`]).
+    pub tunnels: tunnel::TunnelStats,
+    /// Flips to `true` when shutdown begins (set by `run`).
+    pub stop: watch::Receiver<bool>,
     /// Admin connections open.
     pub admin_connections: AtomicU64,
     /// Last-minute traffic and the timeline of changes, for the dashboard.
     pub history: dashboard::History,
     pub started: Instant,
+}
+
+/// A client connection served on the hyper path. It holds the connection's slot under
+/// `--max-connections` and counts in [`App::connections`] until the last holder lets go: the
+/// connection task, or a tunnel the connection was upgraded into.
+pub struct ClientConn {
+    pub peer: proxy::Peer,
+    app: Arc<App>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        self.app.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl App {
@@ -99,6 +119,9 @@ impl App {
             no_route: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
+            tunnels: tunnel::TunnelStats::default(),
+            // Replaced by `run`; a sender dropped at once reads as "never stopping".
+            stop: watch::channel(false).1,
             admin_connections: AtomicU64::new(0),
             history: dashboard::History::default(),
             started: Instant::now(),
@@ -189,6 +212,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut app = App::new(config);
+    app.stop = stop_rx.clone();
     let tasks = match client {
         Some(c) => start_discovery(&mut app, c, &stop_rx),
         None => Vec::new(),
@@ -215,9 +239,13 @@ pub async fn run(
         .max_header_size(app.config.max_header_bytes)
         .keep_alive(true);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new());
+    // Streams bound what one client connection can open upstream; pings find a peer that
+    // went away while a stream was open (an idle one is closed by `serve_h2`).
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(app.config.http2_max_streams)
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builders = Arc::new((h1, h2));
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
     tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
     // The fast path accepts and serves HTTP/1 on its own thread; what it does not serve
@@ -228,6 +256,7 @@ pub async fn run(
         listener.into_std().map_err(Error::Io)?,
         Arc::clone(&permits),
         handoff_tx,
+        app.config.event_loops,
     )
     .map_err(Error::Io)?;
     tokio::pin!(shutdown);
@@ -248,24 +277,41 @@ pub async fn run(
                 continue;
             }
         };
-        let peer = h.peer;
-        let client = Arc::new(proxy::Peer::new(peer));
-        let app_s = Arc::clone(&app);
-        let svc = hyper::service::service_fn(move |req| {
-            let app = Arc::clone(&app_s);
-            let client = Arc::clone(&client);
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req, &client).await) }
+        let conn = Arc::new(ClientConn {
+            peer: proxy::Peer::new(h.peer),
+            app: Arc::clone(&app),
+            _permit: h.permit,
         });
         let io = TokioIo::new(prefixed::Prefixed::new(h.read, stream));
-        let app_c = Arc::clone(&app);
+        let stop = stop_rx.clone();
         if h.http2 {
-            let served = graceful.watch(builders.1.serve_connection(io, svc));
-            spawn_connection(app_c, peer, h.permit, served);
+            let activity = Arc::new(discovery::serve::StreamActivity::default());
+            let svc = service(&app, &conn, Some(&activity));
+            let served = builders.1.serve_connection(io, svc);
+            let idle = app.config.header_read_timeout;
+            spawn_connection(conn.peer.addr, async move {
+                discovery::serve::serve_until_idle(served, &activity, idle, stop, |c| {
+                    c.graceful_shutdown()
+                })
+                .await
+            });
         } else {
             app.handoffs.fetch_add(1, Ordering::Relaxed);
-            let served = graceful.watch(builders.0.serve_connection(io, svc));
-            spawn_connection(app_c, peer, h.permit, served);
+            let svc = service(&app, &conn, None);
+            let served = builders.0.serve_connection(io, svc).with_upgrades();
+            spawn_connection(conn.peer.addr, async move {
+                tokio::pin!(served);
+                let mut stop = stop;
+                tokio::select! {
+                    r = served.as_mut() => return r,
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                // Shutdown: finish the request in flight, then close.
+                served.as_mut().graceful_shutdown();
+                served.await
+            });
         }
+        drop(conn);
     }
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
@@ -277,11 +323,10 @@ pub async fn run(
         app.connections.fetch_sub(1, Ordering::Relaxed);
         drop(h);
     }
-    // hyper's connections are told through `graceful`, the fast path's by `stop`; every
-    // connection holds a permit until it ends.
+    // hyper's connections and tunnels are told through `stop_tx`, the fast path's by
+    // `fast.stop`; every connection holds a permit until it ends.
     let all = u32::try_from(app.config.max_connections).unwrap_or(u32::MAX);
     let drained = async {
-        graceful.shutdown().await;
         let _ = permits.acquire_many(all).await;
     };
     tokio::select! {
@@ -308,20 +353,49 @@ pub async fn run(
     Ok(())
 }
 
-/// Serves a connection the fast path handed over; it keeps its connection slot until done.
-fn spawn_connection<F>(
-    app: Arc<App>,
-    peer: std::net::SocketAddr,
-    permit: OwnedSemaphorePermit,
-    served: F,
-) where
+/// Ping interval on HTTP/2 client connections, and how long a ping may go unanswered.
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The hyper service of one client connection: every request goes through
+/// [`proxy::handle`]; on HTTP/2, `activity` counts its open streams.
+fn service(
+    app: &Arc<App>,
+    conn: &Arc<ClientConn>,
+    activity: Option<&Arc<discovery::serve::StreamActivity>>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<discovery::serve::Tracked<proxy::ProxyBody>>,
+    Error = std::convert::Infallible,
+    Future = impl Future<
+        Output = Result<
+            http::Response<discovery::serve::Tracked<proxy::ProxyBody>>,
+            std::convert::Infallible,
+        >,
+    > + Send,
+> + Clone {
+    let (app, conn) = (Arc::clone(app), Arc::clone(conn));
+    let activity = activity.cloned();
+    hyper::service::service_fn(move |req| {
+        let (app, conn) = (Arc::clone(&app), Arc::clone(&conn));
+        let stream = activity.as_ref().map(|a| a.open());
+        async move {
+            let resp = proxy::handle(app, req, &conn).await;
+            Ok::<_, std::convert::Infallible>(
+                resp.map(|b| discovery::serve::Tracked::new(b, stream)),
+            )
+        }
+    })
+}
+
+/// Serves a connection the fast path handed over, logging how it ended.
+fn spawn_connection<F>(peer: std::net::SocketAddr, served: F)
+where
     F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
     tokio::spawn(async move {
         if let Err(e) = served.await {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
-        app.connections.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
     });
 }

@@ -51,6 +51,12 @@ pub struct ServiceMetrics {
     pub local: [AtomicU64; 5],
     /// Extra attempts made after a failed one.
     pub retries: AtomicU64,
+    /// Responses cut off mid-body because nothing moved for `--upstream-timeout` (the client
+    /// got a truncated answer, although its status was counted as the instance's).
+    pub cut: AtomicU64,
+    /// Requests whose client closed before the answer came (nginx's 499): the upstream
+    /// request was abandoned.
+    pub aborted: AtomicU64,
     pub latency: Histogram,
 }
 

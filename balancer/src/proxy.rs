@@ -29,7 +29,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::service::{Backends, ServiceState};
 use crate::upstream::{Backend, BodyError, PooledBody, UpBody};
-use crate::App;
+use crate::{App, ClientConn};
 
 /// Body of a response to a client: streamed from an instance, or a short local answer.
 pub enum ProxyBody {
@@ -89,13 +89,30 @@ pub enum ProxyError {
         service: String,
         instance: String,
     },
+    /// The request itself is ambiguous or unsupported; answered with `Connection: close`,
+    /// so that nothing after it on the connection is read as a request.
+    Refused {
+        status: StatusCode,
+        why: &'static str,
+    },
+    /// This host ran out of something a connection needs (descriptors, ports, buffers):
+    /// no instance is to blame, and another try would fail the same way.
+    LocalResources {
+        cause: String,
+    },
 }
 
 impl ProxyError {
     /// The one mapping from failure to status code and short body.
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, body) = self.status_and_body();
-        local(status, body)
+        let close = matches!(self, ProxyError::Refused { .. });
+        let mut r = local(status, body);
+        if close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 
     /// The status code and body of the answer (see [`ProxyError::into_response`]).
@@ -121,6 +138,11 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("an instance of service {service} did not answer in time\n"),
             ),
+            ProxyError::Refused { status, why } => (*status, (*why).to_string()),
+            ProxyError::LocalResources { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the balancer is short of resources; try again\n".to_string(),
+            ),
         }
     }
 
@@ -135,6 +157,9 @@ impl ProxyError {
             }
             ProxyError::BadRequest { cause } => {
                 tracing::debug!(%cause, "client request body failed");
+            }
+            ProxyError::LocalResources { cause } => {
+                tracing::warn!(%cause, "cannot open an upstream connection: this host is short of resources (no instance blamed)");
             }
             _ => {}
         }
@@ -166,13 +191,22 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
+    // Headers named in `Connection` are hop-by-hop too, except those that frame the message
+    // or name its target: never one hop's business (RFC 9110 §7.6.1), so ignored there.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| {
+            ![
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::HOST,
+            ]
+            .contains(n)
+        })
         .collect();
     for n in named {
         headers.remove(n);
@@ -257,15 +291,82 @@ fn prepare(parts: &mut http::request::Parts, peer: &Peer) {
     }
 }
 
+/// Whether a request's target and framing are unambiguous, as the fast path requires of
+/// its own (`http1::HeadFacts::check_request`): hyper parses what the fast path hands over,
+/// and every later request on that connection.
+fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    let hosts = h.get_all(header::HOST).iter().count();
+    let refuse = |status, why| Err(ProxyError::Refused { status, why });
+    if req.method() == Method::CONNECT {
+        tracing::info!("CONNECT refused (501)");
+        return refuse(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+    }
+    let host_rule = match req.version() {
+        http::Version::HTTP_11 => hosts == 1,
+        // HTTP/1.0 may omit it; HTTP/2 has `:authority`, and a `Host` beside it at most once.
+        _ => hosts <= 1,
+    };
+    if !host_rule {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "exactly one Host header is required\n",
+        );
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Content-Length beside Transfer-Encoding\n",
+        );
+    }
+    Ok(())
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and an
+/// `Upgrade` header), if any.
+fn upgrade_asked(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let named = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    named
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
 /// Handles one client request. Never fails: every failure becomes an answer.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+pub async fn handle(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    conn: &Arc<ClientConn>,
+) -> Response<ProxyBody> {
+    if let Err(e) = check_request(&req) {
+        return e.into_response();
+    }
     let started = Instant::now();
     let Some(route) = app.config.route_for(req.uri().path()) else {
         app.no_route.fetch_add(1, Ordering::Relaxed);
         return ProxyError::NoRoute.into_response();
     };
     let service = Arc::clone(&app.services[app.route_service[route]]);
-    let result = forward(&app, &service, req, peer).await;
+    // Dropped unanswered when the client goes away first (hyper drops this future then):
+    // that is counted, and dropping the upstream request closes its connection.
+    let mut abort = AbortWatch {
+        service: Some(Arc::clone(&service)),
+        peer: conn.peer.addr,
+    };
+    let upgrade = upgrade_asked(&req).map(|proto| Upgrade {
+        proto,
+        client: hyper::upgrade::on(&mut req),
+    });
+    let result = forward(&app, &service, req, &conn.peer, upgrade, conn).await;
+    abort.service = None;
     service.metrics.latency.observe(started.elapsed());
     match result {
         Ok(resp) => resp,
@@ -376,11 +477,36 @@ impl Attempts {
     }
 }
 
+/// Counts a request whose client left before its answer (see [`handle`]).
+struct AbortWatch {
+    /// Cleared once the answer is ready.
+    service: Option<Arc<ServiceState>>,
+    peer: SocketAddr,
+}
+
+impl Drop for AbortWatch {
+    fn drop(&mut self) {
+        if let Some(s) = self.service.take() {
+            s.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(service = %s.name, peer = %self.peer, "client closed before the answer (499); upstream request abandoned");
+        }
+    }
+}
+
+/// A request that asks to switch protocols: what it asks for, and the client's side of the
+/// switch.
+struct Upgrade {
+    proto: HeaderValue,
+    client: hyper::upgrade::OnUpgrade,
+}
+
 async fn forward(
-    app: &App,
-    service: &ServiceState,
+    app: &Arc<App>,
+    service: &Arc<ServiceState>,
     req: Request<Incoming>,
     peer: &Peer,
+    mut upgrade: Option<Upgrade>,
+    client: &Arc<ClientConn>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let backends = service.backends();
     if backends.list.is_empty() {
@@ -390,6 +516,14 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer);
+    if let Some(u) = &upgrade {
+        // The two headers that ask for the switch are hop-by-hop, and are asked again of
+        // the instance (RFC 9110 §7.8).
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.proto.clone());
+    }
     let bodiless = body.is_end_stream();
     let replayable = bodiless && is_idempotent(&parts.method);
     // The body to send next: taken by each attempt, and put back by every path that tries
@@ -412,6 +546,11 @@ async fn forward(
         };
         let mut conn = match conn {
             Ok(c) => c,
+            Err(e) if e.is_local() => {
+                return Err(ProxyError::LocalResources {
+                    cause: e.to_string(),
+                })
+            }
             Err(e) => {
                 // Nothing was sent: the body is intact for the next instance.
                 backend.record_connect_failure();
@@ -431,7 +570,40 @@ async fn forward(
         )
         .await;
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    backend.record_status(101);
+                    let Some(u) = upgrade.take() else {
+                        // Nobody asked: an instance out of step. Its connection goes with it.
+                        backend.failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(format!(
+                            "{}: unrequested protocol switch",
+                            backend.authority
+                        ));
+                        break;
+                    };
+                    let instance_side = hyper::upgrade::on(&mut resp);
+                    let (mut rparts, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    let proto = rparts.headers.get(header::UPGRADE).cloned();
+                    rparts
+                        .headers
+                        .insert(header::UPGRADE, proto.unwrap_or(u.proto));
+                    tokio::spawn(crate::tunnel::run(
+                        Arc::clone(app),
+                        Arc::clone(client),
+                        u.client,
+                        instance_side,
+                        backend.instance.id.clone(),
+                    ));
+                    return Ok(Response::from_parts(
+                        rparts,
+                        ProxyBody::Local(Full::default()),
+                    ));
+                }
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());
                 strip_hop_by_hop(&mut rparts.headers);
@@ -439,6 +611,7 @@ async fn forward(
                     rbody,
                     conn.sender,
                     Arc::clone(backend),
+                    Arc::clone(service),
                     app.config.upstream_timeout,
                 );
                 return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));

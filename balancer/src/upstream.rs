@@ -125,6 +125,29 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+impl ConnectError {
+    /// This host ran short (see [`is_local_resource_error`]): not the instance's fault.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Io(e) if is_local_resource_error(e))
+    }
+}
+
+/// Whether a socket call failed for want of something on this host (descriptors, buffers,
+/// local ports), which says nothing about the instance: it must not be ejected or blamed.
+pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+    // Linux errno values (libc's EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL).
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    const EADDRNOTAVAIL: i32 = 99;
+    e.kind() == std::io::ErrorKind::AddrNotAvailable
+        || matches!(
+            e.raw_os_error(),
+            Some(EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL)
+        )
+}
+
 impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -286,7 +309,8 @@ impl Backend {
             .map_err(ConnectError::Handshake)?;
         let authority = self.authority.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades, a `101` hands the socket to the tunnel instead of ending here.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
             }
         });
@@ -334,6 +358,8 @@ impl std::error::Error for BodyStalled {}
 pub struct PooledBody {
     inner: Incoming,
     conn: Option<(Sender, Arc<Backend>)>,
+    /// Whose answer this is, to count a cut.
+    service: Arc<crate::service::ServiceState>,
     idle: Duration,
     /// When the last frame arrived.
     last: tokio::time::Instant,
@@ -342,10 +368,17 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
-    pub fn new(inner: Incoming, sender: Sender, backend: Arc<Backend>, idle: Duration) -> Self {
+    pub fn new(
+        inner: Incoming,
+        sender: Sender,
+        backend: Arc<Backend>,
+        service: Arc<crate::service::ServiceState>,
+        idle: Duration,
+    ) -> Self {
         let mut body = Self {
             inner,
             conn: Some((sender, backend)),
+            service,
             idle,
             last: tokio::time::Instant::now(),
             timer: None,
@@ -386,7 +419,9 @@ impl Body for PooledBody {
             Poll::Pending => {
                 if this.stalled(cx) {
                     // The rest of the response may still come: the connection is not reusable.
-                    this.conn = None;
+                    let instance = this.conn.take().map(|(_, b)| b.instance.id.clone());
+                    this.service.metrics.cut.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %this.service.name, instance = instance.as_deref().unwrap_or(""), idle = ?this.idle, "response cut off: the instance sent nothing more of the body for the upstream timeout");
                     return Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle)))));
                 }
                 return Poll::Pending;

@@ -24,14 +24,6 @@ async fn register_all(agent: &Agent, backends: &[Backend]) {
     }
 }
 
-async fn three_backends() -> Vec<Backend> {
-    vec![
-        Backend::start("b1").await,
-        Backend::start("b2").await,
-        Backend::start("b3").await,
-    ]
-}
-
 /// Sends `n` sequential GETs on new connections; all must succeed. Returns the answering
 /// backends' names.
 async fn get_n(lb: &Balancer, n: usize) -> Vec<String> {

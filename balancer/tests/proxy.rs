@@ -17,14 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-async fn three_backends() -> Vec<Backend> {
-    vec![
-        Backend::start("b1").await,
-        Backend::start("b2").await,
-        Backend::start("b3").await,
-    ]
-}
-
 async fn balancer_for(backends: &[Backend]) -> Balancer {
     let instances = backends.iter().map(|b| b.instance("web")).collect();
     Balancer::with_static(config(&["web"]), vec![("web", instances)]).await
@@ -161,6 +153,71 @@ async fn round_robin_over_http2_prior_knowledge() {
         "instances are spoken to in HTTP/1.1"
     );
     drop(tx);
+    conn.abort();
+    lb.stop().await;
+}
+
+/// One HTTP/2 client connection with 200 requests in flight at once opens about as many
+/// upstream connections as `--http2-max-streams` allows streams, not 200: the rest wait for
+/// a stream (and every request is answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_bound_upstream_connections() {
+    const STREAMS: u32 = 8;
+    let up = common::raw::RawUpstream::start(|_| {
+        vec![
+            common::raw::Step::Sleep(Duration::from_millis(50)),
+            common::raw::Step::Write(common::raw::ok_with("slow")),
+        ]
+    })
+    .await;
+    let mut cfg = config(&["web"]);
+    cfg.http2_max_streams = STREAMS;
+    let lb = up.balancer_with(cfg).await;
+    let stream = TcpStream::connect(lb.addr).await.unwrap();
+    let (tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // One request first, so that the balancer's SETTINGS (with its stream limit) are known:
+    // streams opened before that are refused (REFUSED_STREAM), as RFC 9113 allows.
+    let mut first = tx.clone();
+    first.ready().await.unwrap();
+    let req = http::Request::builder()
+        .uri(format!("http://{}/first", lb.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        first.send_request(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut tx = tx.clone();
+        let uri = format!("http://{}/{i}", lb.addr);
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::builder()
+                .uri(uri)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tx.ready().await.unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.unwrap().to_bytes()
+        }));
+    }
+    for t in tasks {
+        let body = timeout(DEADLINE, t).await.unwrap().unwrap();
+        assert_eq!(body, "slow");
+    }
+    assert_eq!(up.requests(), 201);
+    // A stream ends as its last body bytes leave, a moment before its upstream connection is
+    // back in the pool, so a new stream may dial once more; unbounded, it would be ~200.
+    assert!(
+        up.connections() <= 2 * u64::from(STREAMS),
+        "{} upstream connections for {STREAMS} streams",
+        up.connections()
+    );
     conn.abort();
     lb.stop().await;
 }

@@ -552,10 +552,12 @@ pub fn worker_message(n: usize) -> String {
     format!("hello from worker {n}")
 }
 
-/// A worker slot: a fixed address, and the process while it runs.
+/// A worker slot: fixed service and admin addresses, and the process while it runs.
 pub struct Worker {
     pub n: usize,
     pub addr: SocketAddr,
+    /// The worker's admin listener (`--admin`): the health switch.
+    pub admin: SocketAddr,
     pub proc: Option<Proc>,
 }
 
@@ -636,6 +638,7 @@ impl Cluster {
         self.workers.push(Worker {
             n,
             addr: free_addr(),
+            admin: free_addr(),
             proc: None,
         });
         self.start_worker(n);
@@ -653,6 +656,8 @@ impl Cluster {
             SERVICE,
             "--listen",
             &w.addr.to_string(),
+            "--admin",
+            &w.admin.to_string(),
             "--id",
             &worker_id(n),
             "--message",

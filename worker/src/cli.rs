@@ -14,15 +14,15 @@ use discovery::register::LeaveMode;
 use discovery::ClientConfig;
 
 use crate::config::{
-    Advertise, CheckSettings, Config, DEFAULT_LISTEN, DEFAULT_MESSAGE, DEFAULT_SERVICE,
+    AdminAddr, Advertise, CheckSettings, Config, DEFAULT_LISTEN, DEFAULT_MESSAGE, DEFAULT_SERVICE,
 };
 use crate::Error;
 
 /// A demo service that registers itself with Consul, answers who it is, and leaves cleanly.
 ///
-/// Endpoints: `GET /` (identity; JSON with `Accept: application/json`), `GET /health`,
-/// `PUT /admin/health` (`pass`|`fail`, loopback only), `POST /echo`, `GET /delay?ms=N`,
-/// `GET /headers`.
+/// Service endpoints: `GET /` (identity; JSON with `Accept: application/json`), `GET /health`,
+/// `POST /echo`, `GET /delay?ms=N`, `GET /headers`. On the separate admin listener (`--admin`,
+/// loopback only): `GET|PUT /admin/health` (`pass`|`fail`).
 #[derive(Debug, Parser)]
 #[command(name = "worker", version)]
 pub struct Cli {
@@ -141,6 +141,13 @@ pub struct Cli {
     )]
     pub shutdown_grace: Duration,
 
+    /// Admin listener for PUT /admin/health (the health switch), apart from the service port:
+    /// a loopback `host:port`, or `off`. Default: 127.0.0.1 (::1 for an IPv6 --listen) at the
+    /// --listen port + 1000 (9001 → 10001, so workers on one host do not collide), or an
+    /// ephemeral port when --listen has port 0. The address is logged at startup (admin=).
+    #[arg(long, env = "WORKER_ADMIN", value_name = "ADDR|off")]
+    pub admin: Option<AdminAddr>,
+
     /// When set, PUT /admin/health also needs this value in the X-Admin-Token header
     /// (it is always refused to non-loopback and proxied clients).
     #[arg(long, env = "WORKER_ADMIN_TOKEN", hide_env_values = true)]
@@ -171,9 +178,27 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
+/// The addresses to bind, decided before anything is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// The service listener (`--listen`).
+    pub service: SocketAddr,
+    /// The admin listener (`--admin`); `None` when `--admin off`.
+    pub admin: Option<SocketAddr>,
+}
+
 impl Cli {
-    /// Validates the flags and converts them: the address to bind, and the worker's config.
-    pub fn into_config(self) -> Result<(SocketAddr, Config), Error> {
+    /// Validates the flags and converts them: the addresses to bind, and the worker's config.
+    pub fn into_config(self) -> Result<(Listen, Config), Error> {
+        let admin = self
+            .admin
+            .unwrap_or(AdminAddr::Default)
+            .resolve(self.listen)?;
+        if admin.is_none() && self.admin_token.is_some() {
+            return Err(Error::Config(
+                "--admin-token is set but --admin is off: nothing would use the token".into(),
+            ));
+        }
         let mut meta = BTreeMap::new();
         for (k, v) in self.meta {
             if meta.insert(k.clone(), v).is_some() {
@@ -216,7 +241,11 @@ impl Cli {
             delay: self.delay,
         };
         config.validate(self.listen)?;
-        Ok((self.listen, config))
+        let listen = Listen {
+            service: self.listen,
+            admin,
+        };
+        Ok((listen, config))
     }
 }
 
@@ -244,14 +273,17 @@ pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::p
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(addr = %listen, error = %e, "could not listen");
-                return ExitCode::from(discovery::cli::EXIT_UNAVAILABLE);
-            }
+        let Some(listener) = bind(listen.service).await else {
+            return ExitCode::from(discovery::cli::EXIT_UNAVAILABLE);
         };
-        match crate::run(config, listener, shutdown).await {
+        let admin = match listen.admin {
+            Some(addr) => match bind(addr).await {
+                Some(l) => Some(l),
+                None => return ExitCode::from(discovery::cli::EXIT_UNAVAILABLE),
+            },
+            None => None,
+        };
+        match crate::run(config, listener, admin, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %discovery::error::chain(&e), "worker failed");
@@ -263,6 +295,17 @@ pub fn main(cli: Cli, shutdown: impl std::future::Future<Output = ()>) -> std::p
             }
         }
     })
+}
+
+/// Binds `addr`, logging why it could not (the caller exits 1: a taken port is not a usage error).
+async fn bind(addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "could not listen");
+            None
+        }
+    }
 }
 
 fn consul_config(e: discovery::Error) -> Error {
@@ -277,7 +320,7 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    fn parse(args: &[&str]) -> Result<(SocketAddr, Config), String> {
+    fn parse(args: &[&str]) -> Result<(Listen, Config), String> {
         let mut argv = vec!["worker", "--consul-addr", "127.0.0.1:8500"];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
@@ -314,7 +357,8 @@ mod tests {
             "maintenance",
         ])
         .unwrap();
-        assert_eq!(listen, "0.0.0.0:9002".parse().unwrap());
+        assert_eq!(listen.service, "0.0.0.0:9002".parse().unwrap());
+        assert_eq!(listen.admin, Some("127.0.0.1:10002".parse().unwrap()));
         assert_eq!(cfg.service, "api");
         assert_eq!(cfg.tags, ["v1", "blue"]);
         assert_eq!(cfg.meta["zone"], "a=b");
@@ -324,6 +368,70 @@ mod tests {
         assert_eq!(
             cfg.consul.unwrap().base_url,
             "http://127.0.0.1:8500".to_string()
+        );
+    }
+
+    #[test]
+    fn admin_listener_is_apart_from_the_service() {
+        let admin = |args: &[&str]| parse(args).map(|(l, _)| l.admin);
+        let sa = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        // Defaults: loopback of the same family at the service port + 1000; ephemeral for 0.
+        assert_eq!(admin(&[]).unwrap(), sa("127.0.0.1:10001"));
+        assert_eq!(
+            admin(&["--listen", "127.0.0.1:9003"]).unwrap(),
+            sa("127.0.0.1:10003")
+        );
+        assert_eq!(
+            admin(&["--listen", "127.0.0.1:0"]).unwrap(),
+            sa("127.0.0.1:0")
+        );
+        assert_eq!(
+            admin(&["--listen", "[::1]:9001"]).unwrap(),
+            sa("[::1]:10001")
+        );
+        assert_eq!(
+            admin(&["--listen", "0.0.0.0:9001", "--advertise", "10.0.0.5"]).unwrap(),
+            sa("127.0.0.1:10001")
+        );
+        assert_eq!(admin(&["--admin", "[::1]:7000"]).unwrap(), sa("[::1]:7000"));
+        assert_eq!(admin(&["--admin", "off"]).unwrap(), None);
+        assert_eq!(admin(&["--admin", "OFF"]).unwrap(), None);
+        // The token is kept for the admin listener.
+        let (_, cfg) = parse(&["--admin-token", "s3cret"]).unwrap();
+        assert_eq!(cfg.admin_token.as_deref(), Some("s3cret"));
+
+        for (args, needle) in [
+            (&["--admin", "0.0.0.0:10001"][..], "loopback"),
+            (&["--admin", "10.0.0.5:10001"][..], "loopback"),
+            (&["--admin", "127.0.0.1"][..], "neither off"),
+            (&["--admin", "on"][..], "neither off"),
+            (&["--admin", ""][..], "neither off"),
+            (&["--admin", "127.0.0.1:9001"][..], "service port"),
+            (
+                &[
+                    "--listen",
+                    "0.0.0.0:9001",
+                    "--advertise",
+                    "h",
+                    "--admin",
+                    "127.0.0.1:9001",
+                ][..],
+                "service port",
+            ),
+            (&["--listen", "127.0.0.1:65000"][..], "past 65535"),
+            (
+                &["--admin", "off", "--admin-token", "x"][..],
+                "--admin is off",
+            ),
+            (&["--admin-token", ""][..], "empty"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        // A high service port works with an explicit admin address.
+        assert_eq!(
+            admin(&["--listen", "127.0.0.1:65000", "--admin", "127.0.0.1:0"]).unwrap(),
+            sa("127.0.0.1:0")
         );
     }
 

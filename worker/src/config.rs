@@ -36,6 +36,9 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Largest delay `/delay?ms=` and `--delay` accept, so a request cannot park a task forever.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
+/// The default admin port is the service port plus this: 9001 → 10001, 9002 → 10002, so
+/// several workers on one host get distinct, predictable admin ports without extra flags.
+pub const ADMIN_PORT_OFFSET: u16 = 1000;
 
 /// Consul's limits on service metadata (`structs.validateMetadata`), checked up front because
 /// the agent answers a bad pair with a 400 that retrying can never fix.
@@ -127,6 +130,79 @@ pub fn authority(host: &str, port: u16) -> String {
     }
 }
 
+/// `--admin`: where the control endpoint (`/admin/health`) listens, apart from the service.
+///
+/// It never shares the service port: a request relayed by a proxy on the same host arrives
+/// from loopback, so the service port cannot tell an operator from a client of the balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// Loopback (of the service address's family) at the service port + [`ADMIN_PORT_OFFSET`];
+    /// an ephemeral port when the service port is 0.
+    Default,
+    /// No admin listener: the health switch is unavailable.
+    Off,
+    /// This loopback address.
+    At(SocketAddr),
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    /// Accepts `off` or `host:port` with a loopback IP (`127.0.0.1:10001`, `[::1]:0`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self::Off);
+        }
+        let addr: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither off nor an address like 127.0.0.1:10001"))?;
+        if !addr.ip().to_canonical().is_loopback() {
+            // Remote peers are refused by the handler anyway; binding there would only expose
+            // the port.
+            return Err(format!(
+                "{addr} is not a loopback address; the admin listener serves this host only \
+                 (use 127.0.0.1 or [::1])"
+            ));
+        }
+        Ok(Self::At(addr))
+    }
+}
+
+impl AdminAddr {
+    /// The address to bind for a worker whose service listens on `listen`; `None` when off.
+    pub fn resolve(self, listen: SocketAddr) -> Result<Option<SocketAddr>, Error> {
+        let addr = match self {
+            Self::Off => return Ok(None),
+            Self::At(addr) => addr,
+            Self::Default => {
+                let ip = match listen.ip() {
+                    IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                };
+                let port = match listen.port() {
+                    0 => 0,
+                    p => p.checked_add(ADMIN_PORT_OFFSET).ok_or_else(|| {
+                        Error::Config(format!(
+                            "the default admin port is the service port + {ADMIN_PORT_OFFSET}, \
+                             past 65535 for {listen}; pass --admin ADDR or --admin off"
+                        ))
+                    })?,
+                };
+                SocketAddr::new(ip, port)
+            }
+        };
+        let same_ip = addr.ip() == listen.ip() || listen.ip().is_unspecified();
+        if addr.port() != 0 && addr.port() == listen.port() && same_ip {
+            return Err(Error::Config(format!(
+                "--admin {addr} would share the service port of --listen {listen}; the admin \
+                 listener needs a port of its own"
+            )));
+        }
+        Ok(Some(addr))
+    }
+}
+
 /// Settings of the HTTP check Consul runs against `/health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckSettings {
@@ -175,7 +251,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Deadline for in-flight requests after the listener closed.
     pub shutdown_grace: Duration,
-    /// When set, `PUT /admin/health` also needs this value in `X-Admin-Token`.
+    /// When set, `PUT /admin/health` on the admin listener also needs this value in
+    /// `X-Admin-Token`.
     pub admin_token: Option<String>,
     /// Fixed latency added to every request except `/health` and `/admin/health`.
     pub delay: Duration,

@@ -1,5 +1,8 @@
 //! Request handling: routing, the identity answer, health, the admin switch and the test
 //! endpoints. Pure request → response; the accept loop lives in [`crate::server`].
+//!
+//! Each listener serves one [`Surface`]: the service port never routes `/admin/*`, so nothing
+//! a proxy relays to it can reach the health switch.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -127,13 +130,24 @@ struct HeadersBody {
     headers: BTreeMap<String, Vec<String>>,
 }
 
-/// Answers one request. Never fails: every problem becomes a status code.
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The service port (`--listen`): what the balancer and Consul's check reach.
+    Service,
+    /// The admin listener (`--admin`): the health switch, loopback only.
+    Admin,
+}
+
+/// Answers one request on a listener serving `surface`. Never fails: every problem becomes a
+/// status code.
 pub async fn handle(
     state: &State,
+    surface: Surface,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let mut resp = route(state, peer, req).await;
+    let mut resp = route(state, surface, peer, req).await;
     if let Some(id) = &state.id_header {
         resp.headers_mut()
             .insert(HeaderName::from_static(WORKER_ID_HEADER), id.clone());
@@ -153,14 +167,14 @@ enum Route {
 }
 
 impl Route {
-    fn from_path(path: &str) -> Option<Self> {
-        Some(match path {
-            "/" => Self::Identity,
-            "/health" => Self::Health,
-            "/admin/health" => Self::AdminHealth,
-            "/echo" => Self::Echo,
-            "/delay" => Self::Delay,
-            "/headers" => Self::Headers,
+    fn from_path(surface: Surface, path: &str) -> Option<Self> {
+        Some(match (surface, path) {
+            (Surface::Service, "/") => Self::Identity,
+            (Surface::Service, "/health") => Self::Health,
+            (Surface::Service, "/echo") => Self::Echo,
+            (Surface::Service, "/delay") => Self::Delay,
+            (Surface::Service, "/headers") => Self::Headers,
+            (Surface::Admin, "/admin/health") => Self::AdminHealth,
             _ => return None,
         })
     }
@@ -183,8 +197,13 @@ impl Route {
     }
 }
 
-async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-    let Some(route) = Route::from_path(req.uri().path()) else {
+async fn route(
+    state: &State,
+    surface: Surface,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(route) = Route::from_path(surface, req.uri().path()) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
     let (allow, ok) = route.allows(req.method());
@@ -275,9 +294,12 @@ impl AdminDenied {
     }
 }
 
-/// Who may flip the health switch: a loopback peer, not relayed by a proxy (a balancer on the
-/// same host would otherwise lend its loopback address to any stranger), with the admin token
-/// when one is configured.
+/// Who may flip the health switch on the admin listener: a loopback peer, not relayed by a
+/// proxy, with the admin token when one is configured.
+///
+/// The switch's real protection is that it is not on the service port at all (a request
+/// smuggled past a proxy on the same host arrives from loopback without forwarding headers);
+/// these checks are the second line, for an admin port someone forwards or proxies by mistake.
 pub fn authorize_admin(
     peer: SocketAddr,
     headers: &HeaderMap,

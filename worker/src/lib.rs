@@ -7,12 +7,16 @@
 //! `/health` turns 503, the instance leaves Consul, the drain delay lets balancers notice, and
 //! only then the listener closes and in-flight requests finish within a deadline.
 //!
+//! The health switch (`PUT /admin/health`) is served on a second, loopback-only listener, never
+//! on the service port: a proxy on the same host relays strangers' requests from loopback.
+//!
 //! # Layout
 //!
 //! - [`config`]: the validated [`Config`] and the [`Identity`] derived once the port is bound.
 //! - [`cli`]: the command line (clap derive, env fallbacks) → [`Config`].
-//! - [`handler`]: request handling: identity, health, the admin switch, echo, delay, headers.
-//! - [`server`]: the accept loop, connection cap and graceful shutdown.
+//! - [`handler`]: request handling: identity, health, the admin switch, echo, delay, headers,
+//!   routed by listener ([`handler::Surface`]).
+//! - [`server`]: the accept loop (one per listener), connection caps and graceful shutdown.
 //! - [`registration`]: the Consul registration body and lifecycle options.
 
 pub mod cli;
@@ -28,6 +32,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::{Config, Identity};
+use handler::Surface;
 
 /// Why the worker could not run.
 #[derive(Debug)]
@@ -72,9 +77,10 @@ impl std::error::Error for Error {
     }
 }
 
-/// Serves on `listener`, registers in Consul (when `config.consul` is set) and runs until
-/// `shutdown` completes; then leaves Consul, waits the drain delay, stops accepting and
-/// finishes in-flight requests within `config.shutdown_grace`.
+/// Serves on `listener`, and the health switch on `admin` (when given), registers in Consul
+/// (when `config.consul` is set) and runs until `shutdown` completes; then leaves Consul, waits
+/// the drain delay, stops accepting on both listeners and finishes in-flight requests within
+/// `config.shutdown_grace`.
 ///
 /// Returns `Ok` after a shutdown, whichever way draining ended; failing to leave Consul is
 /// logged, not returned, because the process is exiting either way and the check's
@@ -82,17 +88,28 @@ impl std::error::Error for Error {
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let bound = listener.local_addr().map_err(Error::Io)?;
+    let admin_bound = admin
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .map_err(Error::Io)?;
     let identity = config.identity(bound)?;
     let state = Arc::new(handler::State::new(&config, identity.clone()));
 
     // Serve before registering: Consul's first probe must find the port open, and a worker
     // whose agent is down still answers (a static balancer or curl can reach it).
-    let server = server::Server::start(listener, state.clone());
+    let server = Servers {
+        service: server::Server::start(listener, state.clone(), Surface::Service),
+        admin: admin.map(|l| server::Server::start(l, state.clone(), Surface::Admin)),
+    };
     tracing::info!(
         addr = %bound,
+        // Tests and scripts read both addresses from this line; "off" when there is none.
+        admin = %admin_bound.map_or_else(|| "off".to_string(), |a| a.to_string()),
         id = %identity.id,
         service = %identity.service,
         advertise = %identity.address(),
@@ -154,4 +171,27 @@ pub async fn run(
         ),
     }
     Ok(())
+}
+
+/// The service listener and, unless `--admin off`, the admin listener: stopped together.
+struct Servers {
+    service: server::Server,
+    admin: Option<server::Server>,
+}
+
+impl Servers {
+    /// Stops both listeners and drains both at once within `grace`; the admin listener's
+    /// connections count with the service's.
+    async fn shutdown(self, grace: std::time::Duration) -> server::Drained {
+        let admin = async {
+            match self.admin {
+                Some(admin) => admin.shutdown(grace).await,
+                None => server::Drained::Clean,
+            }
+        };
+        match tokio::join!(self.service.shutdown(grace), admin) {
+            (server::Drained::Clean, server::Drained::Clean) => server::Drained::Clean,
+            (a, b) => server::Drained::Aborted(a.cut() + b.cut()),
+        }
+    }
 }

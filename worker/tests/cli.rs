@@ -25,6 +25,8 @@ fn help_and_version_exit_zero() {
         "--deregister-after",
         "--drain-delay",
         "--shutdown-grace",
+        "--admin",
+        "WORKER_ADMIN",
         "--admin-token",
         "--delay",
         "CONSUL_HTTP_ADDR",
@@ -47,6 +49,11 @@ fn bad_flags_exit_64_with_a_message() {
         (&["--advertise", "0.0.0.0"], "any"),
         (&["--meta", "consul-x=1"], "reserved"),
         (&["--consul-addr", "https://127.0.0.1:8501"], "https"),
+        (&["--admin", "nonsense"], "--admin"),
+        (&["--admin", "0.0.0.0:10001"], "loopback"),
+        (&["--admin", "127.0.0.1:9001"], "service port"),
+        (&["--listen", "127.0.0.1:65000"], "--admin"),
+        (&["--admin", "off", "--admin-token", "x"], "--admin is off"),
     ];
     for (args, needle) in cases {
         let (status, _, err) = run_worker_to_end(args);
@@ -56,6 +63,32 @@ fn bad_flags_exit_64_with_a_message() {
             "{args:?}: stderr should mention {needle:?}:\n{err}"
         );
     }
+}
+
+#[test]
+fn a_bad_worker_admin_variable_exits_64() {
+    let out = std::process::Command::new(common::worker_bin())
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env("WORKER_ADMIN", "192.0.2.1:10001")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run worker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn a_taken_admin_port_exits_69() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, _, err) =
+        run_worker_to_end(&["--listen", "127.0.0.1:0", "--admin", &addr, "--no-register"]);
+    assert_eq!(status.code(), Some(69), "EX_UNAVAILABLE: {err}");
+    assert!(
+        err.contains("could not listen") && err.contains(&addr),
+        "{err}"
+    );
 }
 
 #[test]

@@ -5,9 +5,9 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{eventually, free_port, get, request, Agent, Worker, DEADLINE};
 use discovery::HealthQuery;
 use http::{Method, StatusCode};
@@ -117,20 +117,21 @@ async fn the_health_switch_takes_the_instance_out_and_back() {
     wait_passing(&client, "switch", &id, true).await;
 
     // Without the token the switch is refused and nothing changes.
-    let a = request(w.addr, Method::PUT, "/admin/health", &[], "fail")
+    let a = request(w.admin(), Method::PUT, "/admin/health", &[], "fail")
         .await
         .unwrap();
     assert_eq!(a.status, StatusCode::FORBIDDEN);
+    let with_token = |to: SocketAddr, path: &'static str, body: &'static str| {
+        request(to, Method::PUT, path, &[("x-admin-token", "s3cret")], body)
+    };
+    // The service port has no switch at all, token or not.
+    let a = with_token(w.addr, "/admin/health", "fail").await.unwrap();
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(w.addr, "/health").await.unwrap().status, StatusCode::OK);
 
-    let a = request(
-        w.addr,
-        Method::PUT,
-        "/admin/health",
-        &[("x-admin-token", "s3cret")],
-        "fail",
-    )
-    .await
-    .unwrap();
+    let a = with_token(w.admin(), "/admin/health", "fail")
+        .await
+        .unwrap();
     assert_eq!(a.status, StatusCode::OK);
     wait_passing(&client, "switch", &id, false).await;
     assert_eq!(
@@ -141,15 +142,9 @@ async fn the_health_switch_takes_the_instance_out_and_back() {
     assert!(client.agent_services().await.unwrap().contains_key(&id));
     assert_eq!(get(w.addr, "/").await.unwrap().status, StatusCode::OK);
 
-    let a = request(
-        w.addr,
-        Method::PUT,
-        "/admin/health?state=pass",
-        &[("x-admin-token", "s3cret")],
-        Bytes::new(),
-    )
-    .await
-    .unwrap();
+    let a = with_token(w.admin(), "/admin/health?state=pass", "")
+        .await
+        .unwrap();
     assert_eq!(a.status, StatusCode::OK);
     wait_passing(&client, "switch", &id, true).await;
     assert_eq!(

@@ -21,23 +21,40 @@ use worker::Config;
 /// A worker running in this test's runtime; `stop` starts its shutdown sequence.
 struct Running {
     addr: SocketAddr,
+    /// The admin listener, unless started without one.
+    admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), worker::Error>>,
 }
 
 impl Running {
+    /// Service and admin listeners, both on ephemeral loopback ports.
     async fn start(config: Config) -> Running {
+        Self::start_with(config, true).await
+    }
+
+    async fn start_with(config: Config, with_admin: bool) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = match with_admin {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker::run(config, listener, async {
+        let task = tokio::spawn(worker::run(config, listener, admin, async {
             let _ = stopped.await;
         }));
         Running {
             addr,
+            admin: admin_addr,
             stop: Some(stop),
             task,
         }
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.admin.expect("started with an admin listener")
     }
 
     fn shutdown(&mut self) {
@@ -49,6 +66,44 @@ impl Running {
     async fn join(self) -> Result<(), worker::Error> {
         self.task.await.expect("run task")
     }
+}
+
+/// `GET /` as JSON on a new connection.
+async fn identity_json(
+    addr: SocketAddr,
+) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+    let a = request(
+        addr,
+        Method::GET,
+        "/",
+        &[("accept", "application/json")],
+        Bytes::new(),
+    )
+    .await?;
+    Ok(a.json())
+}
+
+/// One request over prior-knowledge HTTP/2 on a new connection; the response head.
+async fn h2c(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &'static str,
+) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .body(http_body_util::Full::new(Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap();
+    send.send_request(req).await.unwrap()
 }
 
 fn quick() -> Config {
@@ -119,7 +174,7 @@ async fn unknown_paths_and_methods() {
     let a = get(w.addr, "/echo").await.unwrap();
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(a.headers["allow"], "POST");
-    let a = request(w.addr, Method::POST, "/admin/health", &[], "fail")
+    let a = request(w.admin(), Method::POST, "/admin/health", &[], "fail")
         .await
         .unwrap();
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
@@ -148,7 +203,7 @@ async fn malformed_http_gets_400_and_the_server_lives_on() {
 async fn admin_switch_flips_health() {
     let w = Running::start(quick()).await;
     let put = |body: &'static str, headers: &'static [(&'static str, &'static str)]| {
-        request(w.addr, Method::PUT, "/admin/health", headers, body)
+        request(w.admin(), Method::PUT, "/admin/health", headers, body)
     };
     assert_eq!(put("fail", &[]).await.unwrap().status, StatusCode::OK);
     let h = get(w.addr, "/health").await.unwrap();
@@ -162,7 +217,7 @@ async fn admin_switch_flips_health() {
 
     // The query form works too.
     let a = request(
-        w.addr,
+        w.admin(),
         Method::PUT,
         "/admin/health?state=fail",
         &[],
@@ -172,7 +227,7 @@ async fn admin_switch_flips_health() {
     .unwrap();
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(
-        get(w.addr, "/admin/health").await.unwrap().text(),
+        get(w.admin(), "/admin/health").await.unwrap().text(),
         "unhealthy\n"
     );
 
@@ -199,7 +254,7 @@ async fn admin_token_is_required_when_set() {
     })
     .await;
     let put = |headers: &'static [(&'static str, &'static str)]| {
-        request(w.addr, Method::PUT, "/admin/health", headers, "fail")
+        request(w.admin(), Method::PUT, "/admin/health", headers, "fail")
     };
     assert_eq!(put(&[]).await.unwrap().status, StatusCode::FORBIDDEN);
     assert_eq!(
@@ -214,6 +269,115 @@ async fn admin_token_is_required_when_set() {
     assert_eq!(
         get(w.addr, "/health").await.unwrap().status,
         StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+/// The reproducer of issue 11 §5: a request that reaches the service port from loopback with
+/// no forwarding header (as one smuggled past a proxy on the same host does) cannot flip the
+/// worker's health. The service port has no `/admin/*` at all.
+#[tokio::test]
+async fn the_service_port_has_no_health_switch() {
+    for with_admin in [true, false] {
+        let w = Running::start_with(quick(), with_admin).await;
+        for (method, path, body) in [
+            (Method::PUT, "/admin/health", "fail"),
+            (Method::PUT, "/admin/health?state=fail", ""),
+            (Method::GET, "/admin/health", ""),
+            (Method::POST, "/admin/health", "fail"),
+        ] {
+            let a = request(w.addr, method.clone(), path, &[], body)
+                .await
+                .unwrap();
+            assert_eq!(a.status, StatusCode::NOT_FOUND, "{method} {path}");
+        }
+        // Over HTTP/2 as well: the route table is per listener, not per protocol.
+        let resp = h2c(w.addr, Method::PUT, "/admin/health", "fail").await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+        let h = get(w.addr, "/health").await.unwrap();
+        assert_eq!((h.status, h.text().as_str()), (StatusCode::OK, "ok\n"));
+    }
+}
+
+/// The admin listener serves the switch and nothing else.
+#[tokio::test]
+async fn the_admin_listener_serves_only_the_switch() {
+    let w = Running::start(quick()).await;
+    for path in ["/", "/health", "/echo", "/headers", "/delay?ms=1", "/admin"] {
+        let a = get(w.admin(), path).await.unwrap();
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let a = get(w.admin(), "/admin/health").await.unwrap();
+    assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "ok\n"));
+    // Admin requests are not service traffic: the counter a person watches did not move.
+    assert_eq!(identity_json(w.addr).await.unwrap()["request"], 1);
+}
+
+/// The admin listener has its own, small connection cap: once it is full, further admin
+/// clients wait in the backlog while the service port keeps answering; a freed slot lets the
+/// waiting client in.
+#[tokio::test]
+async fn the_admin_listener_caps_its_connections_apart_from_the_service() {
+    let w = Running::start(quick()).await;
+    let mut held = Vec::new();
+    for _ in 0..worker::server::ADMIN_MAX_CONNECTIONS {
+        held.push(TcpStream::connect(w.admin()).await.unwrap());
+    }
+    let admin = w.admin();
+    let mut waiting = tokio::spawn(async move { get(admin, "/admin/health").await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1000), &mut waiting)
+            .await
+            .is_err(),
+        "an admin request past the cap is not served while every slot is held"
+    );
+    assert_eq!(get(w.addr, "/").await.unwrap().status, StatusCode::OK);
+    assert_eq!(get(w.addr, "/health").await.unwrap().status, StatusCode::OK);
+    drop(held);
+    let a = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once the held connections closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+/// The admin listener closes a connection that sends nothing, and a keep-alive connection
+/// left idle after a request, within its header read timeout.
+#[tokio::test]
+async fn the_admin_listener_bounds_silent_and_idle_connections() {
+    let w = Running::start(quick()).await;
+    let limit = worker::server::ADMIN_HEADER_READ_TIMEOUT;
+    let started = Instant::now();
+    let silent = TcpStream::connect(w.admin()).await.unwrap();
+    let mut idle = TcpStream::connect(w.admin()).await.unwrap();
+    idle.write_all(b"GET /admin/health HTTP/1.1\r\nHost: worker\r\n\r\n")
+        .await
+        .unwrap();
+    let read_all = |mut s: TcpStream| async move {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        buf
+    };
+    let (silent_buf, idle_buf) = tokio::time::timeout(limit + Duration::from_secs(5), async {
+        tokio::join!(read_all(silent), read_all(idle))
+    })
+    .await
+    .expect("the admin listener closes silent and idle connections");
+    let took = started.elapsed();
+    assert!(
+        silent_buf.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&silent_buf)
+    );
+    let idle_text = String::from_utf8_lossy(&idle_buf);
+    assert!(idle_text.starts_with("HTTP/1.1 200"), "{idle_text:?}");
+    // Closed by the timeout, not right after the answer.
+    assert!(took >= limit - Duration::from_millis(500), "{took:?}");
+    // The listener lives on.
+    assert_eq!(
+        get(w.admin(), "/admin/health").await.unwrap().status,
+        StatusCode::OK
     );
 }
 
@@ -349,16 +513,7 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served() {
     let w = Running::start(quick()).await;
-    let stream = TcpStream::connect(w.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get(format!("http://{}/", w.addr))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+    let resp = h2c(w.addr, Method::GET, "/", "").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_2);
 }
@@ -372,22 +527,14 @@ async fn shutdown_drains_then_finishes_in_flight_requests() {
     })
     .await;
     let addr = w.addr;
+    let admin = w.admin();
     let slow = tokio::spawn(async move { get(addr, "/delay?ms=1500").await });
     // Make sure the slow request is in flight before shutting down.
     common::eventually(
         common::DEADLINE,
         "the slow request to be counted",
         || async {
-            let j = request(
-                addr,
-                Method::GET,
-                "/",
-                &[("accept", "application/json")],
-                Bytes::new(),
-            )
-            .await
-            .ok()?
-            .json();
+            let j = identity_json(addr).await.ok()?;
             (j["request"].as_u64()? >= 2).then_some(())
         },
     )
@@ -410,6 +557,10 @@ async fn shutdown_drains_then_finishes_in_flight_requests() {
         TcpStream::connect(addr).await.is_err(),
         "the listener is closed after run returns"
     );
+    assert!(
+        TcpStream::connect(admin).await.is_err(),
+        "the admin listener is closed after run returns"
+    );
 }
 
 #[tokio::test]
@@ -426,16 +577,7 @@ async fn shutdown_grace_cuts_requests_that_take_too_long() {
         common::DEADLINE,
         "the slow request to be counted",
         || async {
-            let j = request(
-                addr,
-                Method::GET,
-                "/",
-                &[("accept", "application/json")],
-                Bytes::new(),
-            )
-            .await
-            .ok()?
-            .json();
+            let j = identity_json(addr).await.ok()?;
             (j["request"].as_u64()? >= 2).then_some(())
         },
     )
@@ -453,7 +595,7 @@ async fn shutdown_grace_cuts_requests_that_take_too_long() {
 #[tokio::test]
 async fn run_refuses_an_any_address_without_advertise() {
     let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let err = worker::run(quick(), listener, std::future::pending())
+    let err = worker::run(quick(), listener, None, std::future::pending())
         .await
         .unwrap_err();
     assert!(err.is_config(), "{err}");

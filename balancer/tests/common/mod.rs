@@ -210,6 +210,15 @@ impl Backend {
     }
 }
 
+/// Three [`Backend`]s, named `b1`, `b2` and `b3`.
+pub async fn three_backends() -> Vec<Backend> {
+    vec![
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ]
+}
+
 /// A listener on `127.0.0.1:0` and every task serving it (see [`accept_loop`]); all of them
 /// are stopped on drop.
 pub struct Server {

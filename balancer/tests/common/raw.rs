@@ -58,6 +58,8 @@ struct RawSeen {
     closed_here: Mutex<Vec<u64>>,
     /// Every request, in arrival order.
     log: Mutex<Vec<RawRequest>>,
+    /// Every byte received, by connection.
+    wire: Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
 }
 
 /// A `TcpListener` whose connections read request heads (and `Content-Length` bodies) and
@@ -123,6 +125,18 @@ impl RawUpstream {
         self.seen.log.lock().unwrap().clone()
     }
 
+    /// Every byte received so far, all connections in the order they were accepted.
+    pub fn wire(&self) -> Vec<u8> {
+        self.seen
+            .wire
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .copied()
+            .collect()
+    }
+
     /// A balancer with the test defaults routing service `web` to this upstream alone.
     pub async fn balancer(&self) -> Balancer {
         self.balancer_with(config(&["web"])).await
@@ -138,10 +152,50 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Where a chunked body at the start of `b` ends, and its content; `None` while incomplete.
+/// Strict: hex sizes, CRLF line ends, no extensions, trailers skipped.
+fn chunked_body(b: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut pos = 0;
+    let mut data = Vec::new();
+    loop {
+        let line = find(&b[pos..], b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[pos..pos + line]).ok()?, 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {:?}", &b[pos..pos + line]));
+        pos += line + 2;
+        if size == 0 {
+            loop {
+                let l = find(&b[pos..], b"\r\n")?;
+                pos += l + 2;
+                if l == 0 {
+                    return Some((pos, data));
+                }
+            }
+        }
+        if b.len() < pos + size + 2 {
+            return None;
+        }
+        data.extend_from_slice(&b[pos..pos + size]);
+        assert_eq!(
+            &b[pos + size..pos + size + 2],
+            b"\r\n",
+            "chunk data not followed by CRLF"
+        );
+        pos += size + 2;
+    }
+}
+
 async fn serve_raw(mut s: TcpStream, conn: u64, script: Script, seen: Arc<RawSeen>) {
     let peer_closed = || seen.closed_by_peer.lock().unwrap().push(conn);
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
+    let record = |bytes: &[u8]| {
+        seen.wire
+            .lock()
+            .unwrap()
+            .entry(conn)
+            .or_default()
+            .extend_from_slice(bytes)
+    };
     loop {
         let head_end = loop {
             if let Some(i) = find(&buf, b"\r\n\r\n") {
@@ -149,7 +203,10 @@ async fn serve_raw(mut s: TcpStream, conn: u64, script: Script, seen: Arc<RawSee
             }
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => return peer_closed(),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    record(&chunk[..n]);
+                    buf.extend_from_slice(&chunk[..n]);
+                }
             }
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -165,20 +222,36 @@ async fn serve_raw(mut s: TcpStream, conn: u64, script: Script, seen: Arc<RawSee
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
-        while buf.len() < head_end + len {
+        let chunked = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.eq_ignore_ascii_case("transfer-encoding")
+                    && v.trim().eq_ignore_ascii_case("chunked")
+            })
+        });
+        let (end, body) = loop {
+            if chunked {
+                if let Some((n, data)) = chunked_body(&buf[head_end..]) {
+                    break (head_end + n, data);
+                }
+            } else if buf.len() >= head_end + len {
+                break (head_end + len, buf[head_end..head_end + len].to_vec());
+            }
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => return peer_closed(),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    record(&chunk[..n]);
+                    buf.extend_from_slice(&chunk[..n]);
+                }
             }
-        }
+        };
         let req = RawRequest {
             conn,
             method,
             path,
             head,
-            body: buf[head_end..head_end + len].to_vec(),
+            body,
         };
-        buf.drain(..head_end + len);
+        buf.drain(..end);
         seen.log.lock().unwrap().push(req.clone());
         for step in script(&req) {
             match step {

@@ -35,6 +35,9 @@ pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_DEREGISTER_MIN: Duration = Duration::from_secs(60);
 /// Time a client gets to send a request head (and, first, its first bytes).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Ping interval on HTTP/2 connections with a stream open, and how long a ping may go
+/// unanswered.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Most connections open at once; blocking watchers hold one each, so this is generous.
 const MAX_CONNECTIONS: usize = 16_384;
 /// How long open connections get to finish when the agent stops.
@@ -231,13 +234,20 @@ pub async fn run(
         Arc::downgrade(&shared),
         shared.config.reap_interval,
     )));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Tells open connections to finish (HTTP/1 after the current answer, h2 with a GOAWAY).
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    // Pings find an HTTP/2 peer that went away while a stream was open (an idle one is
+    // closed by `serve_until_idle`).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(HTTP2_PING_INTERVAL))
+        .keep_alive_timeout(HTTP2_PING_INTERVAL);
     // Shared with the connection tasks, which serve only once the protocol is known.
     let builder = Arc::new(builder);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -247,16 +257,33 @@ pub async fn run(
         crate::serve::accept(&listener, &permits, &mut shutdown).await
     {
         let shared = shared.clone();
+        // Open requests (h2 streams), so that a connection idle with none is closed like an
+        // idle HTTP/1 keep-alive one.
+        let activity = Arc::new(crate::serve::StreamActivity::default());
+        let counted = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req, peer).await) }
+            let stream = counted.open();
+            async move {
+                let resp = http::handle(shared, req, peer).await;
+                Ok::<_, std::convert::Infallible>(
+                    resp.map(|b| crate::serve::Tracked::new(b, Some(stream))),
+                )
+            }
         });
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let stop_rx = stop_rx.clone();
         tokio::spawn(async move {
             if crate::serve::protocol_decided(&stream, HEADER_READ_TIMEOUT).await {
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(conn).await {
+                let served = crate::serve::serve_until_idle(
+                    conn,
+                    &activity,
+                    HEADER_READ_TIMEOUT,
+                    stop_rx,
+                    |c| c.graceful_shutdown(),
+                );
+                if let Err(e) = served.await {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
             } else {
@@ -267,8 +294,11 @@ pub async fn run(
     }
     drop(listener);
     shared.stopping.send_replace(true);
+    stop.send_replace(true);
+    // Every connection holds a permit until it ends.
+    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("dev agent stopped"),
+        _ = permits.acquire_many(all) => tracing::info!("dev agent stopped"),
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("dev agent stopped with connections still open"),
     }
     drop(reaper);

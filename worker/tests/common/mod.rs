@@ -313,26 +313,28 @@ pub fn consul_client(port: u16) -> discovery::Client {
     })
 }
 
-/// A `worker` process and the address it reported.
+/// A `worker` process and the addresses it reported.
 pub struct Worker {
     pub addr: SocketAddr,
+    /// The admin listener; `None` with `--admin off`.
+    pub admin: Option<SocketAddr>,
     pub proc: Proc,
 }
 
 impl Worker {
-    /// Starts the worker on 127.0.0.1:0 with `args` and reads the bound address from its
-    /// `listening` log line.
+    /// Starts the worker on 127.0.0.1:0 with `args` and reads the bound addresses from its
+    /// `listening` log line (the admin listener defaults to an ephemeral port then).
     pub fn start(args: &[&str]) -> Worker {
         let mut cmd = Command::new(worker_bin());
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         let (mut proc, lines) = spawn_logged("worker", cmd);
         let start = Instant::now();
-        let addr = loop {
+        let (addr, admin) = loop {
             let left = DEADLINE.saturating_sub(start.elapsed());
             match lines.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(addr) = listening_addr(&line) {
-                        break addr;
+                    if let Some(addrs) = listening_addrs(&line) {
+                        break addrs;
                     }
                 }
                 Err(_) => {
@@ -344,7 +346,12 @@ impl Worker {
                 }
             }
         };
-        Worker { addr, proc }
+        Worker { addr, admin, proc }
+    }
+
+    /// The admin listener's address; panics when the worker runs with `--admin off`.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.expect("the worker has an admin listener")
     }
 
     /// The instance ID the worker registers by default.
@@ -353,14 +360,23 @@ impl Worker {
     }
 }
 
-/// `... listening addr=127.0.0.1:41234 ...` → the address.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
+/// `... listening addr=127.0.0.1:41234 admin=127.0.0.1:41235 ...` → the service address, and
+/// the admin address unless it says `admin=off`.
+fn listening_addrs(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !line.contains("listening") {
         return None;
     }
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .and_then(|a| a.parse().ok())
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    let addr = field("addr=")?.parse().ok()?;
+    let admin = match field("admin=")?.as_str() {
+        "off" => None,
+        a => Some(a.parse().ok()?),
+    };
+    Some((addr, admin))
 }
 
 /// Runs a worker binary to completion with `args`; returns its status and stderr.
