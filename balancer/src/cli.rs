@@ -46,6 +46,13 @@ pub struct Args {
     /// allowed within a response body; past it the answer is cut off.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
+    /// For idempotent requests without a body: how long one attempt may wait for the first
+    /// byte of its answer before the request is sent to another instance (within --retries),
+    /// and the silent instance sits out a cool-off. Finds a dead link under a pooled
+    /// connection in this time instead of the upstream timeout. `off` (the default): only
+    /// --upstream-timeout applies. Set it above the slowest answer such requests may take.
+    #[arg(long, env = "BALANCER_FIRST_BYTE_TIMEOUT", default_value = "off")]
+    pub first_byte_timeout: String,
     /// Time a client gets to send its request head; also how long an idle keep-alive
     /// connection (HTTP/1, or HTTP/2 with no open stream) stays open.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
@@ -119,6 +126,14 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     config.max_connections = cli.max_connections;
     config.retries = cli.retries;
     config.tunnel_idle_timeout = cli.tunnel_idle_timeout;
+    config.first_byte_timeout = match cli.first_byte_timeout.as_str() {
+        "off" => None,
+        v => match parse_duration(v) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => return usage("--first-byte-timeout must be more than 0, or off"),
+            Err(e) => return usage(format!("--first-byte-timeout {v:?}: {e}")),
+        },
+    };
     config.http2_max_streams = cli.http2_max_streams;
     config.watch_wait = cli.watch_wait.max(Duration::from_secs(1));
     let admin: Option<SocketAddr> = if cli.admin == "off" {

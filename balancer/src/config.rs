@@ -126,6 +126,10 @@ pub struct Config {
     pub http2_max_streams: u32,
     /// HTTP/1 fast-path event loops, each on its own thread (at least one).
     pub event_loops: usize,
+    /// For idempotent bodiless requests: how long one attempt may wait for the first byte of
+    /// the answer before the request goes to another instance. `None`: no such limit (the
+    /// upstream timeout alone applies).
+    pub first_byte_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -164,6 +168,7 @@ impl Config {
             tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
             http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
             event_loops: 1,
+            first_byte_timeout: None,
         })
     }
 

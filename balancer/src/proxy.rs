@@ -564,8 +564,13 @@ async fn forward(
             backend.record_connect_success();
         }
         let request = Request::from_parts(parts.clone(), b);
+        // A replayable request may give up on a silent instance sooner and go elsewhere.
+        let first_byte = app
+            .config
+            .first_byte_timeout
+            .filter(|t| replayable && *t < app.config.upstream_timeout);
         let sent = tokio::time::timeout(
-            app.config.upstream_timeout,
+            first_byte.unwrap_or(app.config.upstream_timeout),
             conn.sender.try_send_request(request),
         )
         .await;
@@ -638,6 +643,24 @@ async fn forward(
                     continue;
                 }
                 break;
+            }
+            Err(_) if first_byte.is_some() => {
+                backend.failures.fetch_add(1, Ordering::Relaxed);
+                backend.clear_pool();
+                backend.record_connect_failure();
+                tracing::warn!(service = %service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                last_error = Some(format!(
+                    "{}: no first byte within the first-byte timeout",
+                    backend.authority
+                ));
+                if attempts.may_resend(replayable, backend, &attempt, false) {
+                    body = Some(UpBody::Empty);
+                    continue;
+                }
+                return Err(ProxyError::Timeout {
+                    service: service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                });
             }
             Err(_) => {
                 backend.failures.fetch_add(1, Ordering::Relaxed);

@@ -338,9 +338,24 @@ impl Engine {
                     .as_ref()
                     .and_then(|x| x.up.as_ref())
                     .is_some_and(|u| !u.connected);
+                let mut first_byte = false;
+                if let Some(x) = c.exchange.as_mut() {
+                    if x.try_deadline.is_some_and(|d| d <= self.now) {
+                        x.try_deadline = None;
+                        if c.ubuf.is_empty() {
+                            first_byte = true;
+                        } else if x.answer_deadline > self.now {
+                            // The answer has begun: the upstream timeout alone applies now.
+                            c.deadline = x.answer_deadline;
+                            return Some(Step::Wait);
+                        }
+                    }
+                }
                 if connecting {
                     self.connect_failed(c, "connect timed out".into());
                     self.next_attempt(key, c)
+                } else if first_byte {
+                    self.attempt_failed(key, c, Failure::FirstByte)
                 } else {
                     self.attempt_failed(key, c, Failure::Timeout)
                 }

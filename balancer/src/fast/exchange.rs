@@ -59,6 +59,11 @@ pub(super) struct Exchange {
     pub(super) up: Option<Upstream>,
     pub(super) last_error: Option<String>,
     pub(super) relay: Option<Relay>,
+    /// When the current attempt must have had its first answer byte (`--first-byte-timeout`,
+    /// replayable requests only); set once the request is sent.
+    pub(super) try_deadline: Option<Instant>,
+    /// The upstream timeout's deadline, which applies again once the first byte came.
+    pub(super) answer_deadline: Instant,
 }
 
 impl Exchange {
@@ -106,6 +111,8 @@ pub(super) enum Failure {
     /// The instance answered something that is not an HTTP response.
     Malformed(String),
     Timeout,
+    /// A replayable request had no first answer byte within `--first-byte-timeout`.
+    FirstByte,
 }
 
 /// What driving a client came to.
@@ -279,6 +286,8 @@ impl Engine {
             up: None,
             last_error: None,
             relay: None,
+            try_deadline: None,
+            answer_deadline: self.now,
         });
         self.next_attempt(key, c)
     }
@@ -335,6 +344,7 @@ impl Engine {
                 self.now + connect_timeout
             };
             x.up = Some(up);
+            x.try_deadline = None;
             c.ubuf.clear();
             c.state = State::Upstream;
             return None;
@@ -419,6 +429,16 @@ impl Engine {
                 }
                 Err(e) => return self.attempt_failed(key, c, Failure::Sent(e.to_string())),
             }
+        }
+        if let (true, None, Some(limit)) = (
+            x.replayable,
+            x.try_deadline,
+            self.app.config.first_byte_timeout,
+        ) {
+            let at = self.now + limit;
+            x.try_deadline = Some(at);
+            x.answer_deadline = c.deadline;
+            c.deadline = c.deadline.min(at);
         }
         loop {
             if !c.ubuf.is_empty() {
@@ -524,6 +544,22 @@ impl Engine {
                 // The instance answered, but not in HTTP: no retry, like any answer.
                 x.note_failure(&backend, cause);
                 let e = x.all_failed();
+                return self.fail(c, &e);
+            }
+            Failure::FirstByte => {
+                // Most likely a dead link or a hung instance: its pooled sockets are not
+                // trusted either, and it sits out a cool-off as after a failed connect.
+                backend.clear_pool();
+                backend.record_connect_failure();
+                tracing::warn!(service = %x.service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                x.note_failure(&backend, "no first byte within the first-byte timeout");
+                if attempts.may_resend(x.replayable, &backend, &attempt, false) {
+                    return self.next_attempt(key, c);
+                }
+                let e = ProxyError::Timeout {
+                    service: x.service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                };
                 return self.fail(c, &e);
             }
             Failure::Sent(cause) => cause,
