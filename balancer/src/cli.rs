@@ -53,6 +53,17 @@ pub struct Args {
     /// --upstream-timeout applies. Set it above the slowest answer such requests may take.
     #[arg(long, env = "BALANCER_FIRST_BYTE_TIMEOUT", default_value = "off")]
     pub first_byte_timeout: String,
+    /// Most requests at one instance at once (HAProxy's per-server maxconn); more wait in a
+    /// queue for a place, up to --queue-timeout, then get 503. 0 (the default): no limit.
+    /// Protects instances with small accept queues or little concurrency from bursts.
+    #[arg(long, env = "BALANCER_MAX_CONNS_PER_INSTANCE", default_value_t = 0)]
+    pub max_conns_per_instance: usize,
+    /// Longest wait for a place at an instance under --max-conns-per-instance.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub queue_timeout: Duration,
+    /// Most requests waiting for a place, per event loop; past it, 503 at once.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_QUEUE)]
+    pub max_queue: usize,
     /// Time a client gets to send its request head; also how long an idle keep-alive
     /// connection (HTTP/1, or HTTP/2 with no open stream) stays open.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
@@ -113,6 +124,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
         ("--header-read-timeout", cli.header_read_timeout),
         ("--pool-idle-timeout", cli.pool_idle_timeout),
         ("--tunnel-idle-timeout", cli.tunnel_idle_timeout),
+        ("--queue-timeout", cli.queue_timeout),
     ] {
         if d.is_zero() {
             return usage(format!("{flag} must be more than 0"));
@@ -126,6 +138,10 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     config.max_connections = cli.max_connections;
     config.retries = cli.retries;
     config.tunnel_idle_timeout = cli.tunnel_idle_timeout;
+    config.max_conns_per_instance =
+        (cli.max_conns_per_instance > 0).then_some(cli.max_conns_per_instance);
+    config.queue_timeout = cli.queue_timeout;
+    config.max_queue = cli.max_queue;
     config.first_byte_timeout = match cli.first_byte_timeout.as_str() {
         "off" => None,
         v => match parse_duration(v) {
