@@ -325,11 +325,20 @@ fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
             "exactly one Host header is required\n",
         );
     }
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    if h.contains_key(header::TRANSFER_ENCODING)
+        && (h.contains_key(header::CONTENT_LENGTH) || req.version() == http::Version::HTTP_10)
+    {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "Content-Length beside Transfer-Encoding\n",
+            "Transfer-Encoding beside Content-Length, or in HTTP/1.0\n",
         );
+    }
+    let mut codings = crate::http1::Codings::default();
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        codings.add(v.as_bytes());
+    }
+    if let Err(status) = codings.request_verdict(false) {
+        return refuse(status, "unsupported or ambiguous Transfer-Encoding\n");
     }
     Ok(())
 }
@@ -553,6 +562,14 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer);
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        // A body of unknown length (chunked from the client) goes on chunked: said outright,
+        // since hyper's client sends no body at all for a `GET` or `HEAD` without it.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     if let Some(u) = &upgrade {
         // The two headers that ask for the switch are hop-by-hop, and are asked again of
         // the instance (RFC 9110 §7.8).
