@@ -39,11 +39,9 @@ pub fn dev_config() -> AgentConfig {
 /// Node `test`, reaping every second with a one-second `DeregisterCriticalServiceAfter` floor.
 pub fn quick_config() -> AgentConfig {
     AgentConfig {
-        node_name: "test".into(),
-        datacenter: "dc1".into(),
-        advertise: "127.0.0.1".parse().unwrap(),
         reap_interval: Duration::from_secs(1),
         deregister_min: Duration::from_secs(1),
+        ..AgentConfig::new("test", "127.0.0.1".parse().unwrap())
     }
 }
 
