@@ -573,15 +573,7 @@ async fn register_validation_messages_in_consuls_order() {
         ),
     ];
     for (body, text) in &cases {
-        agent
-            .expect_error(
-                "PUT",
-                "/v1/agent/service/register",
-                &body.to_string(),
-                400,
-                text,
-            )
-            .await;
+        agent.expect_register_error(body, text).await;
     }
     // Script checks are refused last, with a 500 (a plain Go error in Consul).
     let scripts = "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true";

@@ -100,12 +100,10 @@ impl ViewCache {
     }
 
     /// Bytes held, as counted against the budget.
-    #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }

@@ -809,6 +809,9 @@ where
         let store = c.shared.lock();
         view(&store, filter)?
     };
+    c.shared
+        .renders
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Encode outside the store lock.
     let body = Bytes::from(encode_json(&value));
     drop(value);
@@ -1521,6 +1524,10 @@ fn agent_self(shared: &Shared) -> Value {
             s.checks.len().saturating_sub(1),
         )
     };
+    let (cache_entries, cache_bytes) = {
+        let cache = shared.view_cache();
+        (cache.len(), cache.bytes())
+    };
     json!({
         "Config": {
             "Datacenter": cfg.datacenter,
@@ -1550,6 +1557,14 @@ fn agent_self(shared: &Shared) -> Value {
             "raft": {"state": "Leader", "num_peers": "0", "protocol_version": "3"},
             "runtime": {"arch": std::env::consts::ARCH, "os": std::env::consts::OS, "version": "rust", "uptime": uptime},
             "serf_lan": {"members": "1", "failed": "0", "left": "0"},
+            // Not Consul's: how the dev agent's blocking queries and view cache fare.
+            "dev_agent": {
+                "blocking_queries": shared.subscriptions().to_string(),
+                "view_renders": shared.renders.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+                "view_cache_entries": cache_entries.to_string(),
+                "view_cache_bytes": cache_bytes.to_string(),
+                "view_cache_budget": shared.config.view_cache_bytes.to_string(),
+            },
         },
         "Meta": {"consul-network-segment": "", "consul-version": state::CONSUL_VERSION},
         "xDS": {"SupportedProxies": {"envoy": []}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},

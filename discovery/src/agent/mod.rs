@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Encoded answers of recent reads, by read (see `http::cached_view`).
     view_cache: Mutex<cache::ViewCache>,
+    /// Reads rendered from the store (not served from the view cache), for `agent/self`.
+    pub(crate) renders: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -179,6 +181,7 @@ impl Shared {
             probe_client: checks::probe_client(),
             started: Instant::now(),
             view_cache,
+            renders: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -191,6 +194,16 @@ impl Shared {
     /// The read cache; holds only encoded answers, so a poisoned lock is safe to reuse.
     pub(crate) fn view_cache(&self) -> MutexGuard<'_, cache::ViewCache> {
         self.view_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queries waiting or about to wait on a topic, for `agent/self`.
+    pub(crate) fn subscriptions(&self) -> usize {
+        let w = self.watches();
+        w.all.receiver_count()
+            + w.services
+                .values()
+                .map(|tx| tx.receiver_count())
+                .sum::<usize>()
     }
 
     /// Holds only channels, so a poisoned lock is safe to reuse.

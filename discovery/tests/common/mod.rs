@@ -178,6 +178,20 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Asserts a registration is refused with a 400 and exactly this text.
+    pub async fn expect_register_error(&self, body: &Value, text: &str) {
+        self.expect_error(
+            "PUT",
+            "/v1/agent/service/register",
+            &body.to_string(),
+            400,
+            text,
+        )
+        .await;
+    }
+}
+
 /// One answer, fully read.
 #[derive(Debug)]
 pub struct Reply {
