@@ -498,13 +498,47 @@ async fn many_watchers(addr: &str, pid: u32) -> Result<(), Box<dyn std::error::E
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(pid).unwrap_or(0);
+
+    // Where a waiting query's memory goes: the same number of connections that are idle after
+    // one quick read, then a second round of watchers (does the agent reuse what the first
+    // round freed, or grow?).
+    let mut idle = Vec::with_capacity(MANY_SERVICES);
+    let mut buf = Vec::new();
+    for n in 0..MANY_SERVICES {
+        use tokio::io::AsyncWriteExt;
+        let mut s = connect_from(client_address(3, n), addr).await?;
+        s.write_all(b"GET /v1/status/leader HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .await?;
+        read_answer(&mut s, &mut buf).await;
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = rss_kib(pid).unwrap_or(0);
+    drop(idle);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (woke_tx, _woke) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let again: Vec<_> = (0..MANY_SERVICES)
+        .map(|n| tokio::spawn(watch_service(sock, n, woke_tx.clone(), stop_rx.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_again = rss_kib(pid).unwrap_or(0);
+    stop_tx.send_replace(true);
+    for w in again {
+        errors += usize::from(!matches!(w.await, Ok(Ok(()))));
+    }
+
     let mib = |k: u64| k as f64 / 1024.0;
+    let per = |with: u64, without: u64| with.saturating_sub(without) as f64 / MANY_SERVICES as f64;
     println!(
-        "  agent RSS: {:.1} MiB at start, {:.1} MiB with the catalog, {:.1} MiB with {MANY_SERVICES} watchers waiting, {:.1} MiB after they closed ({errors} watcher errors)",
+        "  agent RSS: {:.1} MiB at start, {:.1} MiB with the catalog, {:.1} MiB with {MANY_SERVICES} watchers waiting ({:.1} KiB each), {:.1} MiB after they closed; {:.1} MiB with {MANY_SERVICES} idle keep-alive connections instead; {:.1} MiB with {MANY_SERVICES} watchers again ({errors} watcher errors)",
         mib(rss_start),
         mib(rss_catalog),
         mib(rss_watching),
-        mib(rss_after)
+        per(rss_watching, rss_catalog),
+        mib(rss_after),
+        mib(rss_idle),
+        mib(rss_again),
     );
     Ok(())
 }

@@ -394,6 +394,21 @@ struct Ctx {
 }
 
 async fn dispatch(route: Route, c: &Ctx) -> HResult {
+    // Consul parses the query options (consistency, wait, index, dc) before anything of the
+    // endpoint's own (`Missing service name`, `?passing`); the filter comes last, in `blocking`.
+    if matches!(
+        route,
+        Route::HealthService
+            | Route::HealthChecks
+            | Route::HealthNode
+            | Route::HealthState
+            | Route::CatalogServices
+            | Route::CatalogService
+            | Route::CatalogNodes
+            | Route::CatalogNode
+    ) {
+        query_options(c)?;
+    }
     match route {
         Route::Register => register(c),
         Route::Deregister => deregister(c),
@@ -652,9 +667,12 @@ struct Blocking {
     consistency: &'static str,
     /// `?filter=`, applied by the view to each result item.
     filter: Option<Filter>,
+    /// `?peer=NAME`: a cluster peer's data, and the dev agent has no peers.
+    peer: bool,
 }
 
-fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
+/// The query options with the filter and peer left out (see `dispatch`).
+fn query_options(c: &Ctx) -> Result<Blocking, Fail> {
     let q = &c.query;
     // Consul's order (`parseInternal`): consistency flags, then `parseWait`, which reads
     // `wait` before `index`; so a request with several bad values gets Consul's message.
@@ -704,8 +722,6 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
             return Err(fail(500, "No path to datacenter"));
         }
     }
-    // Last, as Consul's server builds the evaluator after every parameter check.
-    let filter = request_filter(q)?;
     Ok(Blocking {
         index,
         wait,
@@ -716,8 +732,17 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
         } else {
             "leader"
         },
-        filter,
+        filter: None,
+        peer: false,
     })
+}
+
+fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
+    let mut b = query_options(c)?;
+    // Last, as Consul's server builds the evaluator after every parameter check.
+    b.filter = request_filter(&c.query)?;
+    b.peer = c.query.get("peer").is_some_and(|p| !p.is_empty());
+    Ok(b)
 }
 
 /// Runs `view` now, or, with `?index=N`, again after each change to `topic` until its index
@@ -726,9 +751,12 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
 ///
 /// While it waits, a query holds its subscription and nothing else: the answer it last saw
 /// is dropped and rendered again (usually from the view cache) when it is woken.
+///
+/// With `?peer=NAME` the answer is empty (`[]`, `{}` or `null`): the dev agent has no cluster
+/// peers, and Consul answers a peer it does not know with nothing, never the local data.
 async fn blocking<T, F>(c: &Ctx, topic: Topic, view: F) -> HResult
 where
-    T: Serialize,
+    T: Serialize + Default,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
     let b = parse_blocking(c)?;
@@ -750,7 +778,11 @@ where
         // Mark the current change as seen before reading, so a change that lands between the
         // read and the wait still wakes us.
         let seen = *sub.rx.borrow_and_update();
-        let (body, index) = cached_view(c, &sub, seen, b.filter.as_ref(), &view)?;
+        let (body, index) = if b.peer {
+            (Bytes::from(encode_json(&T::default())), seen)
+        } else {
+            cached_view(c, &sub, seen, b.filter.as_ref(), &view)?
+        };
         if last || b.index == 0 || index > b.index || *stopping.borrow() {
             break (body, index);
         }
