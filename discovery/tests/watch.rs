@@ -210,6 +210,57 @@ async fn an_agent_restarted_empty_keeps_instances_for_the_recovery_grace_only() 
 }
 
 #[tokio::test]
+async fn an_agent_restarted_between_two_queries_gets_the_recovery_grace_too() {
+    let mut agent = Agent::start_quick().await;
+    let addr = agent.addr;
+    let client = agent.client();
+    client
+        .register(&service("web-1", "web", 9001))
+        .await
+        .unwrap();
+    // One query per 3 s at most: the restart below falls between two queries, so the watcher
+    // never sees a failure.
+    let opts = WatchOptions {
+        recovery_grace: Duration::from_secs(2),
+        rate_burst: 1,
+        rate_interval: Duration::from_secs(3),
+        ..quick_opts()
+    };
+    let watch = Watch::spawn(client.clone(), "web", opts);
+    let mut rx = watch.snapshots();
+    snapshot_where(&mut rx, DEADLINE, "web-1", |s| ids(s) == ["web-1"]).await;
+    // Let the watcher learn who answers (its first answer, then agent/self).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Stopping answers the waiting query at once; the next one is seconds away.
+    agent.stop().await;
+    let _agent = Agent::start_quick_at(addr).await;
+    let restarted = std::time::Instant::now();
+    let back = Some(std::time::SystemTime::now());
+    eventually("the watcher to ask the new agent", || {
+        let answered = watch.status().last_success;
+        async move { answered > back }
+    })
+    .await;
+    assert_eq!(
+        watch.status().consecutive_failures,
+        0,
+        "the watcher saw the restart as a failure; this test needs it not to"
+    );
+    assert_eq!(ids(&watch.current()), ["web-1"], "emptied at once");
+    snapshot_where(&mut rx, DEADLINE, "the empty set after the grace", |s| {
+        s.as_ref().is_some_and(|s| s.instances.is_empty())
+    })
+    .await;
+    assert!(
+        restarted.elapsed() >= Duration::from_millis(1500),
+        "emptied before the grace ended: {:?}",
+        restarted.elapsed()
+    );
+    watch.stop().await;
+}
+
+#[tokio::test]
 async fn publishes_only_real_changes() {
     let agent = Agent::start_quick().await;
     let client = agent.client();
