@@ -134,3 +134,62 @@ async fn passing_is_checked_after_the_query_options_and_before_the_wait() {
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_filter_selector_naming_no_field_is_consuls_500_even_on_an_empty_result() {
+    let agent = Agent::start().await;
+    agent
+        .register(json!({"ID": "web-1", "Name": "web", "Meta": {"v": "1"}}))
+        .await;
+    let prefix = "Failed to create boolean expression evaluator: ";
+    for (path, expr, selector) in [
+        (
+            "/v1/health/service/web",
+            "Service.Nope%20%3D%3D%201",
+            "Service.Nope",
+        ),
+        ("/v1/health/service/nothing", "Nope%20%3D%3D%201", "Nope"),
+        (
+            "/v1/catalog/service/web",
+            "Service.ID%20%3D%3D%20x",
+            "Service",
+        ),
+        (
+            "/v1/catalog/services",
+            "ServiceMeta.v.x%20%3D%3D%201",
+            "ServiceMeta.v.x",
+        ),
+        (
+            "/v1/health/state/any",
+            "Checks.Status%20%3D%3D%20x",
+            "Checks",
+        ),
+        (
+            "/v1/agent/services",
+            "ServiceName%20%3D%3D%20web",
+            "ServiceName",
+        ),
+        ("/v1/agent/members", "Tags.a.b%20%3D%3D%201", "Tags.a.b"),
+    ] {
+        agent
+            .expect_error(
+                "GET",
+                &format!("{path}?filter={expr}"),
+                "",
+                500,
+                &format!("{prefix}Selector {selector:?} is not valid"),
+            )
+            .await;
+    }
+    // Fields Consul has and the dev agent never fills are valid, and select nothing.
+    let r = agent
+        .get("/v1/health/service/web?filter=Service.PeerName%20%3D%3D%20peer1")
+        .await;
+    assert_eq!((r.status, r.json()), (200, json!([])));
+    // Any key of a map.
+    let r = agent
+        .get("/v1/health/service/web?filter=Service.Meta.other%20is%20empty")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+}

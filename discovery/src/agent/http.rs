@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::bounds;
 use super::decode::{self, CheckDef};
+use super::fields;
 use super::filter::{self, Filter};
 use super::state::{self, Probe, Store, CRITICAL, PASSING, WARNING};
 use super::{Shared, Topic};
@@ -178,11 +179,11 @@ impl From<filter::FilterError> for Fail {
     }
 }
 
-/// `?filter=`: none when absent or empty.
-fn request_filter(q: &Query) -> Result<Option<Filter>, Fail> {
+/// `?filter=` over items of the Go type whose fields are `fields`: none when absent or empty.
+fn request_filter(q: &Query, fields: &[filter::Field]) -> Result<Option<Filter>, Fail> {
     match q.get("filter") {
         None | Some("") => Ok(None),
-        Some(src) => Ok(Some(Filter::parse(src)?)),
+        Some(src) => Ok(Some(Filter::parse_for(src, fields)?)),
     }
 }
 
@@ -440,7 +441,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
             let name = c.tail.clone();
-            blocking(c, Topic::Service(name.clone()), move |s, f| {
+            blocking(c, Topic::Service(name.clone()), fields::SERVICE_ENTRY, move |s, f| {
                 let entries = filter::retain(f, health_entries(s, &name, passing, &tags, &meta))?;
                 Ok((entries, s.service_index(&name)))
             })
@@ -451,7 +452,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing service name"));
             }
             let name = c.tail.clone();
-            blocking(c, Topic::Service(name.clone()), move |s, f| {
+            blocking(c, Topic::Service(name.clone()), fields::HEALTH_CHECK, move |s, f| {
                 let mut checks: Vec<HealthCheck> = s
                     .instances_of(&name)
                     .flat_map(|r| s.checks_of(&r.svc.id))
@@ -467,7 +468,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing node name"));
             }
             let node = c.tail.clone();
-            blocking(c, Topic::All, move |s, f| {
+            blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
                 let checks: Vec<HealthCheck> = if node == s.node.name {
                     s.checks.values().map(|r| r.hc.clone()).collect()
                 } else {
@@ -485,7 +486,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             if !matches!(state.as_str(), "any" | PASSING | WARNING | CRITICAL) {
                 return Err(fail(400, "Bad check state"));
             }
-            blocking(c, Topic::All, move |s, f| {
+            blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
                 let checks: Vec<HealthCheck> = s
                     .checks
                     .values()
@@ -498,7 +499,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogServices => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, Topic::All, move |s, f| {
+            blocking(c, Topic::All, fields::SERVICE_NODE, move |s, f| {
                 let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
                 if node_matches(s, &meta) {
                     let node = s.node_wire();
@@ -526,7 +527,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let name = c.tail.clone();
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
-            blocking(c, Topic::Service(name.clone()), move |s, f| {
+            blocking(c, Topic::Service(name.clone()), fields::SERVICE_NODE, move |s, f| {
                 let node = s.node_wire();
                 let rows: Vec<CatalogService> = s
                     .instances_of(&name)
@@ -540,7 +541,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogNodes => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, Topic::All, move |s, f| {
+            blocking(c, Topic::All, fields::NODE, move |s, f| {
                 let nodes = if node_matches(s, &meta) {
                     vec![s.node_wire()]
                 } else {
@@ -552,7 +553,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogNode => {
             let node = c.tail.clone();
-            blocking(c, Topic::All, move |s, f| {
+            blocking(c, Topic::All, fields::NODE_SERVICE, move |s, f| {
                 let v = if node == s.node.name {
                     let services: BTreeMap<String, NodeService> = s
                         .services
@@ -737,10 +738,10 @@ fn query_options(c: &Ctx) -> Result<Blocking, Fail> {
     })
 }
 
-fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
+fn parse_blocking(c: &Ctx, fields: &[filter::Field]) -> Result<Blocking, Fail> {
     let mut b = query_options(c)?;
     // Last, as Consul's server builds the evaluator after every parameter check.
-    b.filter = request_filter(&c.query)?;
+    b.filter = request_filter(&c.query, fields)?;
     b.peer = c.query.get("peer").is_some_and(|p| !p.is_empty());
     Ok(b)
 }
@@ -754,12 +755,12 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
 ///
 /// With `?peer=NAME` the answer is empty (`[]`, `{}` or `null`): the dev agent has no cluster
 /// peers, and Consul answers a peer it does not know with nothing, never the local data.
-async fn blocking<T, F>(c: &Ctx, topic: Topic, view: F) -> HResult
+async fn blocking<T, F>(c: &Ctx, topic: Topic, fields: &[filter::Field], view: F) -> HResult
 where
     T: Serialize + Default,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
-    let b = parse_blocking(c)?;
+    let b = parse_blocking(c, fields)?;
     let mut sub = c.shared.subscribe(topic);
     let mut stopping = c.shared.stopping.subscribe();
     let jitter = if b.index > 0 {
@@ -1322,7 +1323,7 @@ fn agent_service_wire(shared: &Shared, svc: &NodeService) -> AgentService {
 }
 
 fn agent_services(c: &Ctx) -> HResult {
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::AGENT_SERVICE)?;
     let store = c.shared.lock();
     let out: BTreeMap<String, AgentService> = store
         .services
@@ -1397,7 +1398,7 @@ async fn agent_service(c: &Ctx) -> HResult {
 }
 
 fn agent_checks(c: &Ctx) -> HResult {
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::HEALTH_CHECK)?;
     let store = c.shared.lock();
     // serfHealth belongs to the catalog, not to the agent's local checks.
     let out: BTreeMap<String, HealthCheck> = store
@@ -1538,7 +1539,7 @@ fn members(c: &Ctx) -> HResult {
     if wan && c.query.has("segment") {
         return Err(fail(400, "Cannot provide a segment with wan=true"));
     }
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::MEMBER)?;
     let members = filter::retain(filter.as_ref(), vec![member(&c.shared, wan)])?;
     Ok(json_resp(&members))
 }

@@ -15,6 +15,7 @@ mod bounds;
 mod cache;
 mod checks;
 mod decode;
+mod fields;
 mod filter;
 mod http;
 mod limit;
