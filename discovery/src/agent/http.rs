@@ -347,6 +347,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
             }
         }
     } else {
+        // Not held while a blocking query waits: its head is parsed already.
+        drop(req);
         Bytes::new()
     };
     let view_key = view_key(&path, &query);
