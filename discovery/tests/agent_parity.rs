@@ -181,6 +181,18 @@ async fn a_filter_selector_naming_no_field_is_consuls_500_even_on_an_empty_resul
             )
             .await;
     }
+    // A value that does not coerce to its field's type fails before any item is looked at.
+    agent
+        .expect_error(
+            "GET",
+            "/v1/health/service/nothing?filter=Service.Port%20%3D%3D%20%22http%22",
+            "",
+            500,
+            &format!(
+                r#"{prefix}Failed to coerce value "http" for selector "Service.Port": strconv.ParseInt: parsing "http": invalid syntax"#
+            ),
+        )
+        .await;
     // Fields Consul has and the dev agent never fills are valid, and select nothing.
     let r = agent
         .get("/v1/health/service/web?filter=Service.PeerName%20%3D%3D%20peer1")

@@ -7,12 +7,12 @@
 //! here, and they select nothing. Mesh configuration (`Proxy`, `Connect`, a check's
 //! `Definition`) is left open below its name rather than listed field by field.
 
-use super::filter::Field::{self, Leaf, List, Map, Open, Struct};
+use super::filter::Field::{self, Bool, Int, Leaf, List, Map, Open, Struct};
 
-const RAFT_INDEX: [Field; 2] = [Leaf("CreateIndex"), Leaf("ModifyIndex")];
+const RAFT_INDEX: [Field; 2] = [Int("CreateIndex"), Int("ModifyIndex")];
 const LOCALITY: &[Field] = &[Leaf("Region"), Leaf("Zone")];
-const WEIGHTS: &[Field] = &[Leaf("Passing"), Leaf("Warning")];
-const SERVICE_ADDRESS: &[Field] = &[Leaf("Address"), Leaf("Port")];
+const WEIGHTS: &[Field] = &[Int("Passing"), Int("Warning")];
+const SERVICE_ADDRESS: &[Field] = &[Leaf("Address"), Int("Port")];
 
 /// `structs.Node` (`catalog/nodes`, and `Node` of a `health/service` entry).
 pub(crate) const NODE: &[Field] = &[
@@ -38,10 +38,10 @@ pub(crate) const NODE_SERVICE: &[Field] = &[
     Leaf("Address"),
     Map("TaggedAddresses", SERVICE_ADDRESS),
     Map("Meta", &[]),
-    Leaf("Port"),
+    Int("Port"),
     Leaf("SocketPath"),
     Struct("Weights", WEIGHTS),
-    Leaf("EnableTagOverride"),
+    Bool("EnableTagOverride"),
     Open("Proxy"),
     Open("Connect"),
     Leaf("PeerName"),
@@ -66,7 +66,7 @@ pub(crate) const HEALTH_CHECK: &[Field] = &[
     Leaf("Type"),
     Leaf("Interval"),
     Leaf("Timeout"),
-    Leaf("ExposedPort"),
+    Int("ExposedPort"),
     Open("Definition"),
     Leaf("PeerName"),
     Leaf("Namespace"),
@@ -98,9 +98,9 @@ pub(crate) const SERVICE_NODE: &[Field] = &[
     Map("ServiceTaggedAddresses", SERVICE_ADDRESS),
     Struct("ServiceWeights", WEIGHTS),
     Map("ServiceMeta", &[]),
-    Leaf("ServicePort"),
+    Int("ServicePort"),
     Leaf("ServiceSocketPath"),
-    Leaf("ServiceEnableTagOverride"),
+    Bool("ServiceEnableTagOverride"),
     Open("ServiceProxy"),
     Open("ServiceConnect"),
     Struct("ServiceLocality", LOCALITY),
@@ -118,14 +118,14 @@ pub(crate) const AGENT_SERVICE: &[Field] = &[
     Leaf("Service"),
     List("Tags", &[]),
     Map("Meta", &[]),
-    Leaf("Port"),
+    Int("Port"),
     Leaf("Address"),
     Leaf("SocketPath"),
     Map("TaggedAddresses", SERVICE_ADDRESS),
     Struct("Weights", WEIGHTS),
-    Leaf("EnableTagOverride"),
-    Leaf("CreateIndex"),
-    Leaf("ModifyIndex"),
+    Bool("EnableTagOverride"),
+    Int("CreateIndex"),
+    Int("ModifyIndex"),
     Leaf("ContentHash"),
     Open("Proxy"),
     Open("Connect"),
@@ -140,13 +140,13 @@ pub(crate) const AGENT_SERVICE: &[Field] = &[
 pub(crate) const MEMBER: &[Field] = &[
     Leaf("Name"),
     Leaf("Addr"),
-    Leaf("Port"),
+    Int("Port"),
     Map("Tags", &[]),
-    Leaf("Status"),
-    Leaf("ProtocolMin"),
-    Leaf("ProtocolMax"),
-    Leaf("ProtocolCur"),
-    Leaf("DelegateMin"),
-    Leaf("DelegateMax"),
-    Leaf("DelegateCur"),
+    Int("Status"),
+    Int("ProtocolMin"),
+    Int("ProtocolMax"),
+    Int("ProtocolCur"),
+    Int("DelegateMin"),
+    Int("DelegateMax"),
+    Int("DelegateCur"),
 ];

@@ -27,10 +27,10 @@
 //!
 //! Selectors are checked against the fields of the Go type Consul filters on each endpoint
 //! (`fields`) before anything is evaluated, so an unknown field is an error even on an empty
-//! result, as in Consul. A key of a map (`Service.Meta.x`) may be anything, and fields the wire
-//! omits when empty (`Service.Port` 0, `Kind`) are absent at evaluation. Not reproduced: Consul
-//! also coerces each value to its field's type during that check; here a value that does not
-//! coerce fails when an item is evaluated, so not on an empty result.
+//! result, as in Consul, and so is a value that does not coerce to an integer or bool field
+//! (`Service.Port == "http"`). A key of a map (`Service.Meta.x`) may be anything, and fields the
+//! wire omits when empty (`Service.Port` 0, `Kind`) are absent at evaluation. Not reproduced:
+//! go-bexpr's per-type operator check (`Service.Port contains 1`) still happens per item.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,8 +61,12 @@ impl std::error::Error for FilterError {}
 /// One field of a filtered Go type, as go-bexpr sees it (see `fields`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Field {
-    /// Nothing below it: a string, number or bool.
+    /// Nothing below it: a string.
     Leaf(&'static str),
+    /// An integer: a value compared with it must parse as one (Go's `ParseInt`).
+    Int(&'static str),
+    /// A bool: a value compared with it must parse as one (Go's `ParseBool`).
+    Bool(&'static str),
     /// A struct, with its fields.
     Struct(&'static str, &'static [Field]),
     /// A slice: a selector goes on into its elements' fields (none for strings).
@@ -76,8 +80,8 @@ pub(crate) enum Field {
 impl Field {
     fn name(self) -> &'static str {
         match self {
-            Field::Leaf(n) | Field::Struct(n, _) | Field::List(n, _) | Field::Map(n, _) => n,
-            Field::Open(n) => n,
+            Field::Leaf(n) | Field::Int(n) | Field::Bool(n) | Field::Open(n) => n,
+            Field::Struct(n, _) | Field::List(n, _) | Field::Map(n, _) => n,
         }
     }
 }
@@ -231,7 +235,8 @@ pub(crate) fn retain_values<T: Serialize>(
 // ---------------------------------------------------------------------------------------------
 
 /// go-bexpr's `validateRecurse`: every selector walks the type's fields; the first segment
-/// that names nothing fails with the selector up to it.
+/// that names nothing fails with the selector up to it. A value compared with an integer or
+/// bool field must coerce to it, checked here too, before any item is looked at.
 fn validate(expr: &Expr, fields: &[Field]) -> Result<(), String> {
     match expr {
         Expr::Or(items) | Expr::And(items) => items.iter().try_for_each(|e| validate(e, fields)),
@@ -252,6 +257,12 @@ fn validate(expr: &Expr, fields: &[Field]) -> Result<(), String> {
                 match *field {
                     Field::Open(_) => return Ok(()),
                     Field::Leaf(_) => level = &[],
+                    Field::Int(_) | Field::Bool(_) => {
+                        if i + 1 < m.selector.len() {
+                            return Err(invalid(i + 1));
+                        }
+                        return coerces(m, *field);
+                    }
                     Field::Struct(_, sub) | Field::List(_, sub) => level = sub,
                     Field::Map(_, sub) => {
                         // The key: any.
@@ -266,6 +277,20 @@ fn validate(expr: &Expr, fields: &[Field]) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// Whether the value of an equality on an integer or bool field coerces to the field's type.
+fn coerces(m: &Match, field: Field) -> Result<(), String> {
+    let (Some(value), Op::Equal | Op::NotEqual) = (&m.value, m.op) else {
+        return Ok(());
+    };
+    match field {
+        Field::Int(_) => parse_go_int(&value.raw)
+            .map(|_| ())
+            .map_err(|why| coerce_failed(m, &value.raw, "ParseInt", why)),
+        Field::Bool(_) => coerce_bool(&value.raw, m).map(|_| ()),
+        _ => Ok(()),
     }
 }
 
@@ -1244,6 +1269,8 @@ mod tests {
             r#"Node.Meta is not empty and Service.PeerName == """#,
             r#"Service.Proxy.Upstreams.DestinationName == "db""#,
             "Node.Locality.Zone == a",
+            r#"Service.Port == 80 and Checks.CreateIndex != "0x10""#,
+            "Service.EnableTagOverride == true",
         ] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
@@ -1270,6 +1297,18 @@ mod tests {
                 r#"Selector "Service.Tags.x" is not valid"#,
             ),
             ("service.ID == x", r#"Selector "service" is not valid"#),
+            (
+                "Service.Port.X == 1",
+                r#"Selector "Service.Port.X" is not valid"#,
+            ),
+            (
+                r#"Service.Port == "http""#,
+                r#"Failed to coerce value "http" for selector "Service.Port": strconv.ParseInt: parsing "http": invalid syntax"#,
+            ),
+            (
+                "Service.EnableTagOverride != maybe",
+                r#"Failed to coerce value "maybe" for selector "Service.EnableTagOverride": strconv.ParseBool: parsing "maybe": invalid syntax"#,
+            ),
         ] {
             assert_eq!(check(bad), Err(why.to_string()), "{bad}");
         }
