@@ -48,6 +48,7 @@ fi
 W=$(mktemp -d /tmp/pinned.XXXXXX)
 chmod 755 "$W"
 declare -a STARTED=()
+declare -A PIDS=()
 cleanup() {
 	local p
 	for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -119,7 +120,7 @@ start() {
 	shift 2
 	taskset -c "$cpu" "$@" >"$W/$name.log" 2>&1 &
 	STARTED+=($!)
-	eval "PID_$name=$!"
+	PIDS[$name]=$!
 }
 
 wait_200() {
@@ -150,17 +151,21 @@ start $PROXY_CPU lb "$BIN" --listen "127.0.0.1:$P_LB" --admin "127.0.0.1:$P_ADMI
 	--threads 1 --pool-idle-timeout 600s --consul-addr "127.0.0.1:$((PORT_BASE + 20))"
 for p in $P_NGINX $P_HAP $P_LB; do wait_200 "http://127.0.0.1:$p/"; done
 
-# CPU ticks (user + system) of a process and its threads and children.
+# CPU ticks (user + system) of a process and its children (threads are counted in the
+# process's own figures).
 ticks() {
-	local pid=$1 total=0 p s f
+	local pid=$1 total=0 p s
+	local -a f
 	for p in $pid $(pgrep -P "$pid" || true); do
 		s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-		f=(${s##*) })
+		read -r -a f <<<"${s##*) }"
 		total=$((total + f[11] + f[12]))
 	done
 	echo "$total"
 }
 
+# Filled by `run`, read through the `rounds` name reference.
+# shellcheck disable=SC2034
 declare -A RPS P99 EFF
 run() { # name port pid round
 	local name=$1 port=$2 pid=$3 round=$4 t0 t1 out rps p99 cpu
@@ -168,31 +173,42 @@ run() { # name port pid round
 	out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" 2>&1)
 	t1=$(ticks "$pid")
 	rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-	p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+	# wrk prints 950.00us, 1.23ms or 1.02s: in milliseconds.
+	p99=$(awk '$1 == "99%" {v = $2 + 0; if ($2 ~ /us$/) v /= 1000; else if ($2 ~ /[0-9]s$/) v *= 1000; printf "%.2f", v}' <<<"$out")
 	cpu=$(awk -v d=$((t1 - t0)) 'BEGIN {printf "%.2f", d / 100}')
 	grep -q 'Non-2xx\|Socket errors' <<<"$out" && log "$name round $round: errors: $(grep -E 'Non-2xx|Socket errors' <<<"$out")"
 	RPS[$name,$round]=$rps
 	P99[$name,$round]=$p99
 	EFF[$name,$round]=$(awk -v r="$rps" -v d="$DURATION" -v c="$cpu" 'BEGIN {if (c > 0) printf "%.0f", r * d / c; else print 0}')
-	log "$name round $round: $rps req/s, p99 $p99, $cpu CPU-s, ${EFF[$name,$round]} req per CPU-second"
+	log "$name round $round: $rps req/s, p99 $p99 ms, $cpu CPU-s, ${EFF[$name,$round]} req per CPU-second"
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+# The values of array NAME for metric KEY over the rounds, one per line.
+rounds() {
+	local -n arr=$1
+	local r
+	for ((r = 1; r <= ROUNDS; r++)); do echo "${arr[$2,$r]}"; done
+}
 
 for ((r = 1; r <= ROUNDS; r++)); do
-	run nginx $P_NGINX "$PID_nginx" $r
+	run nginx $P_NGINX "${PIDS[nginx]}" $r
 	sleep 1
-	run haproxy $P_HAP "$PID_haproxy" $r
+	run haproxy $P_HAP "${PIDS[haproxy]}" $r
 	sleep 1
-	run balancer $P_LB "$PID_lb" $r
+	run balancer $P_LB "${PIDS[lb]}" $r
 	sleep 1
 done
 
-printf '| proxy (pinned to CPU %s) | req/s (median) | p99 (median) | req per CPU-second (median) | × nginx (req/CPU-s) |\n|---|---|---|---|---|\n' $PROXY_CPU
-base=$(median $(for ((r = 1; r <= ROUNDS; r++)); do echo "${EFF[nginx,$r]}"; done))
+printf '| proxy (pinned to CPU %s) | req/s (median) | p99 ms (median) | req per CPU-second (median) | × nginx (req/CPU-s) |\n|---|---|---|---|---|\n' $PROXY_CPU
+mapfile -t v < <(rounds EFF nginx)
+base=$(median "${v[@]}")
 for name in nginx haproxy balancer; do
-	rps=$(median $(for ((r = 1; r <= ROUNDS; r++)); do echo "${RPS[$name,$r]}"; done))
-	p99=$(printf '%s\n' $(for ((r = 1; r <= ROUNDS; r++)); do echo "${P99[$name,$r]}"; done) | sort -V | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')
-	eff=$(median $(for ((r = 1; r <= ROUNDS; r++)); do echo "${EFF[$name,$r]}"; done))
+	mapfile -t v < <(rounds RPS "$name")
+	rps=$(median "${v[@]}")
+	mapfile -t v < <(rounds P99 "$name")
+	p99=$(median "${v[@]}")
+	mapfile -t v < <(rounds EFF "$name")
+	eff=$(median "${v[@]}")
 	printf '| %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p99" "$eff" "$(awk -v a="$eff" -v b="$base" 'BEGIN {if (b > 0) printf "%.2f", a / b}')"
 done
