@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# RPS, P99 and EFF are read through a name reference (`rounds`), which shellcheck cannot follow.
+# shellcheck disable=SC2034
 # One core for the proxy, the other for everything else: the load generator (wrk) and three
 # nginx backends are pinned to CPU 0, and each proxy in turn (nginx with one worker, HAProxy with
 # one thread, the balancer with one event loop) to CPU 1. On a 2-core machine this is the closest
@@ -165,7 +167,6 @@ ticks() {
 }
 
 # Filled by `run`, read through the `rounds` name reference.
-# shellcheck disable=SC2034
 declare -A RPS P99 EFF
 run() { # name port pid round
 	local name=$1 port=$2 pid=$3 round=$4 t0 t1 out rps p99 cpu
