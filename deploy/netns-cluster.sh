@@ -80,7 +80,7 @@ host_ip() {
 
 # ---------------------------------------------------------------------------------------------
 # Internal mode, run inside the client namespace: a steady stream of requests, one line per
-# request ("<epoch µs sent> <curl exit>/<http code> <first word of the body>"), until STOP exists or
+# request ("<epoch µs sent> <curl exit>/<http code> <first word of the body> <ms taken>"), until STOP exists or
 # the deadline (epoch seconds) passes.
 # ---------------------------------------------------------------------------------------------
 stream() {
@@ -90,7 +90,7 @@ stream() {
 		sent=$(now_us)
 		body=$(curl -sS --max-time 5 -w '\n%{http_code}' "$url" 2>&1) || rc=$?
 		code=${body##*$'\n'}
-		printf '%s %s/%s %s\n' "$sent" "$rc" "$code" "${body%% *}" >>"$out"
+		printf '%s %s/%s %s %s\n' "$sent" "$rc" "$code" "${body%% *}" $((($(now_us) - sent) / 1000)) >>"$out"
 	done
 }
 
@@ -334,7 +334,8 @@ start_cluster() {
 			--check-interval 1s --drain-delay 1s
 	done
 	start balancer balancer balancer --listen "0.0.0.0:$LB_PORT" --admin "0.0.0.0:$ADMIN_PORT" \
-		--service "$SERVICE" --consul-addr "$CONSUL_IP:$CONSUL_PORT" --connect-timeout 1s
+		--service "$SERVICE" --consul-addr "$CONSUL_IP:$CONSUL_PORT" --connect-timeout 1s \
+		--first-byte-timeout 1s
 	wait_for "the balancer's admin listener on $BALANCER_IP:$ADMIN_PORT" 30 \
 		client_curl -f "http://$BALANCER_IP:$ADMIN_PORT/health"
 	for w in "${WORKERS[@]}" balancer; do alive "$w"; done
@@ -420,9 +421,17 @@ check_members() {
 	fi
 }
 
-# Cutting worker2's link on the bridge side is a black hole: the agent's check times out.
+# Cutting worker2's link on the bridge side is a black hole: the agent's check times out. A steady
+# stream of GETs runs across the cut: requests sent to worker2 on pooled connections get no
+# answer, and with --first-byte-timeout 1s (connects: --connect-timeout 1s) each goes to another
+# worker after a second, instead of waiting the upstream timeout (30 s) for a 504.
 check_link_cut() {
-	local t0
+	local t0 out=$LOGDIR/cut-stream.out stop=$LOGDIR/cut-stream.stop total bad slow
+	: >"$out"
+	ip netns exec client bash "$SELF" __stream "http://$BALANCER_IP:$LB_PORT/" "$out" "$stop" \
+		$((${EPOCHREALTIME%.*} + 60)) >"$LOGDIR/cut-stream.log" 2>&1 &
+	PIDS[cutstream]=$!
+	sleep 1.5
 	t0=$(now_us)
 	ip -n "$BRIDGE_NS" link set v-worker2 down
 	log "cut worker2's link (v-worker2 down on the bridge)"
@@ -439,6 +448,21 @@ check_link_cut() {
 		pass "worker2 left the rotation $((($(now_us) - t0) / 1000)) ms after its link was cut"
 	else
 		fail "worker2 is still in the rotation 30 s after its link was cut: $(rotation)"
+	fi
+	sleep 1
+	touch "$stop"
+	wait "${PIDS[cutstream]}" || true
+	unset "PIDS[cutstream]"
+	total=$(wc -l <"$out")
+	bad=$(awk '$2 != "0/200"' "$out" | wc -l)
+	# The first-byte timeout (1 s) plus a second of slack.
+	slow=$(awk '$4 > 2000' "$out" | wc -l)
+	if ((bad > 0 || slow > 0)); then
+		fail "across worker2's cut link, of $total requests $bad failed and $slow took over 2 s: $(awk '$2 != "0/200" || $4 > 2000' "$out" | head -5 | tr '\n' ';')"
+	elif ((total < 10)); then
+		fail "only $total requests were sent across the cut; the stream was too thin to tell"
+	else
+		pass "$total requests across worker2's cut link: none failed, none took over 2 s (slowest $(awk '$4 > m {m = $4} END {print m + 0}' "$out") ms)"
 	fi
 	check_rotation 20 "worker1 worker3"
 	t0=$(now_us)

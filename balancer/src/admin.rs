@@ -59,6 +59,7 @@ pub fn status(app: &App) -> serde_json::Value {
                         "failures": failures,
                         "responses_5xx": be.responses[4].load(Ordering::Relaxed),
                         "ejections": be.ejections.load(Ordering::Relaxed),
+                        "in_flight": be.in_use(),
                         "last_minute": {
                             "requests": recent.requests,
                             "failures": recent.failures,
@@ -105,6 +106,8 @@ pub fn status(app: &App) -> serde_json::Value {
                 "healthy_instances": b.list.len(),
                 "responses_cut": s.metrics.cut.load(Ordering::Relaxed),
                 "client_aborts": s.metrics.aborted.load(Ordering::Relaxed),
+                "queued": s.metrics.queued.load(Ordering::Relaxed),
+                "queue_timeouts": s.metrics.queue_timeouts.load(Ordering::Relaxed),
                 "instances": instances,
                 "recently_removed": gone,
                 "discovery": discovery,
@@ -246,6 +249,17 @@ pub fn metrics(app: &App) -> String {
             "balancer_client_aborts_total{{service=\"{}\"}} {}",
             label(&s.name),
             s.metrics.aborted.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP balancer_queued_total Requests that waited for a place at an instance (--max-conns-per-instance).\n# TYPE balancer_queued_total counter\n");
+    out.push_str("# HELP balancer_queue_timeouts_total Requests that found no place within --queue-timeout (503).\n# TYPE balancer_queue_timeouts_total counter\n");
+    for s in &app.services {
+        let name = label(&s.name);
+        let _ = writeln!(
+            out,
+            "balancer_queued_total{{service=\"{name}\"}} {}\nbalancer_queue_timeouts_total{{service=\"{name}\"}} {}",
+            s.metrics.queued.load(Ordering::Relaxed),
+            s.metrics.queue_timeouts.load(Ordering::Relaxed)
         );
     }
     let t = &app.tunnels;

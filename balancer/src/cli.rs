@@ -54,6 +54,24 @@ pub struct Args {
     /// allowed within a response body; past it the answer is cut off.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
+    /// For idempotent requests without a body: how long one attempt may wait for the first
+    /// byte of its answer before the request is sent to another instance (within --retries),
+    /// and the silent instance sits out a cool-off. Finds a dead link under a pooled
+    /// connection in this time instead of the upstream timeout. `off` (the default): only
+    /// --upstream-timeout applies. Set it above the slowest answer such requests may take.
+    #[arg(long, env = "BALANCER_FIRST_BYTE_TIMEOUT", default_value = "off")]
+    pub first_byte_timeout: String,
+    /// Most requests at one instance at once (HAProxy's per-server maxconn); more wait in a
+    /// queue for a place, up to --queue-timeout, then get 503. 0 (the default): no limit.
+    /// Protects instances with small accept queues or little concurrency from bursts.
+    #[arg(long, env = "BALANCER_MAX_CONNS_PER_INSTANCE", default_value_t = 0)]
+    pub max_conns_per_instance: usize,
+    /// Longest wait for a place at an instance under --max-conns-per-instance.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub queue_timeout: Duration,
+    /// Most requests waiting for a place, per event loop; past it, 503 at once.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_QUEUE)]
+    pub max_queue: usize,
     /// Time a client gets to send its request head; also how long an idle keep-alive
     /// connection (HTTP/1, or HTTP/2 with no open stream) stays open.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
@@ -119,6 +137,7 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
         ("--pool-idle-timeout", cli.pool_idle_timeout),
         ("--tunnel-idle-timeout", cli.tunnel_idle_timeout),
         ("--admin-idle-timeout", cli.admin_idle_timeout),
+        ("--queue-timeout", cli.queue_timeout),
     ] {
         if d.is_zero() {
             return usage(format!("{flag} must be more than 0"));
@@ -134,6 +153,18 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
     config.max_connections = cli.max_connections;
     config.retries = cli.retries;
     config.tunnel_idle_timeout = cli.tunnel_idle_timeout;
+    config.max_conns_per_instance =
+        (cli.max_conns_per_instance > 0).then_some(cli.max_conns_per_instance);
+    config.queue_timeout = cli.queue_timeout;
+    config.max_queue = cli.max_queue;
+    config.first_byte_timeout = match cli.first_byte_timeout.as_str() {
+        "off" => None,
+        v => match parse_duration(v) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => return usage("--first-byte-timeout must be more than 0, or off"),
+            Err(e) => return usage(format!("--first-byte-timeout {v:?}: {e}")),
+        },
+    };
     config.http2_max_streams = cli.http2_max_streams;
     config.watch_wait = cli.watch_wait.max(Duration::from_secs(1));
     let admin: Option<SocketAddr> = if cli.admin == "off" {

@@ -35,6 +35,10 @@ pub const DEFAULT_RETRIES: u32 = 2;
 /// Default time an upgraded connection (WebSocket) may carry nothing either way before it is
 /// closed: generous, since a quiet WebSocket is normal, but never unbounded.
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default longest wait for a place at an instance under `--max-conns-per-instance`.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default most requests waiting for a place, per event loop.
+pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// Default most concurrent streams of one HTTP/2 client connection, which bounds the
 /// upstream connections one client connection can hold open at once.
 pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 64;
@@ -137,6 +141,17 @@ pub struct Config {
     pub http2_max_streams: u32,
     /// HTTP/1 fast-path event loops, each on its own thread (at least one).
     pub event_loops: usize,
+    /// For idempotent bodiless requests: how long one attempt may wait for the first byte of
+    /// the answer before the request goes to another instance. `None`: no such limit (the
+    /// upstream timeout alone applies).
+    pub first_byte_timeout: Option<Duration>,
+    /// Most requests at one instance at once (HAProxy's per-server `maxconn`); more wait in
+    /// a queue. `None`: no limit.
+    pub max_conns_per_instance: Option<usize>,
+    /// Longest wait in that queue before the answer is 503.
+    pub queue_timeout: Duration,
+    /// Most requests waiting in the queue of one event loop; more are answered 503 at once.
+    pub max_queue: usize,
 }
 
 impl Config {
@@ -177,6 +192,10 @@ impl Config {
             tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
             http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
             event_loops: 1,
+            first_byte_timeout: None,
+            max_conns_per_instance: None,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            max_queue: DEFAULT_MAX_QUEUE,
         })
     }
 

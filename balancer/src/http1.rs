@@ -208,20 +208,21 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
     if head_len > app.config.max_header_bytes {
         return Parsed::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::Handoff;
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Reject(StatusCode::BAD_REQUEST);
     };
     if method == "CONNECT" {
         // A reverse proxy has no tunnel to offer; hyper would pass it on as `CONNECT /`.
         tracing::info!(peer = %peer.addr, "CONNECT refused (501)");
         return Parsed::Reject(StatusCode::NOT_IMPLEMENTED);
     }
-    if !target.starts_with('/') {
-        return Parsed::Handoff;
-    }
+    // The framing rules hold for every request, also those handed to hyper below.
     let facts = HeadFacts::scan(req.headers);
-    if let Err(status) = facts.check_request() {
+    if let Err(status) = facts.check_request(version == 1) {
         return Parsed::Reject(status);
+    }
+    if version != 1 || !target.starts_with('/') {
+        return Parsed::Handoff;
     }
     // Chunked uploads, `Expect` and upgrades: hyper's.
     if facts.too_many_names || facts.transfer_encoding || facts.expect || facts.upgrade_request() {
@@ -420,14 +421,57 @@ struct HeadFacts<'a> {
     chunked: bool,
     upgrade_header: bool,
     expect: bool,
-    /// `Transfer-Encoding` lines.
-    te_lines: u32,
-    /// A transfer coding other than `chunked`.
-    other_coding: bool,
-    /// `chunked` before the last coding (or twice).
-    chunked_early: bool,
+    /// The `Transfer-Encoding` lines, as a request must have them.
+    codings: Codings,
     /// `Host` lines.
     hosts: u32,
+}
+
+/// What the `Transfer-Encoding` lines of a request say, to tell whether its body's framing
+/// is unambiguous. Shared by both request paths (`proxy` checks what hyper parsed).
+#[derive(Default)]
+pub(crate) struct Codings {
+    lines: u32,
+    /// `chunked` is the last coding of the last line.
+    chunked: bool,
+    /// `chunked` before the last coding, or twice.
+    chunked_early: bool,
+    /// A coding other than `chunked`.
+    other: bool,
+}
+
+impl Codings {
+    /// Takes one `Transfer-Encoding` line's value.
+    pub(crate) fn add(&mut self, value: &[u8]) {
+        self.lines += 1;
+        let mut codings = tokens(value).peekable();
+        self.chunked = false;
+        while let Some(t) = codings.next() {
+            let last = codings.peek().is_none();
+            if eq(t, "chunked") {
+                self.chunked_early |= !last || self.chunked;
+                self.chunked = last;
+            } else {
+                self.other = true;
+            }
+        }
+    }
+
+    /// Whether a request with these codings (and a `Content-Length`, if `length`) has one
+    /// reading of its body (RFC 9112 §6.1, §6.3): exactly one line, `chunked` once and last,
+    /// no length beside it. Other codings before `chunked` are not served (501).
+    pub(crate) fn request_verdict(&self, length: bool) -> Result<(), StatusCode> {
+        if self.lines == 0 {
+            return Ok(());
+        }
+        if length || !self.chunked || self.chunked_early || self.lines > 1 {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if self.other {
+            return Err(StatusCode::NOT_IMPLEMENTED);
+        }
+        Ok(())
+    }
 }
 
 impl<'a> HeadFacts<'a> {
@@ -445,9 +489,7 @@ impl<'a> HeadFacts<'a> {
             chunked: false,
             upgrade_header: false,
             expect: false,
-            te_lines: 0,
-            other_coding: false,
-            chunked_early: false,
+            codings: Codings::default(),
             hosts: 0,
         };
         for h in headers {
@@ -477,19 +519,8 @@ impl<'a> HeadFacts<'a> {
                 }
             } else if eq(n, "transfer-encoding") {
                 f.transfer_encoding = true;
-                f.te_lines += 1;
-                let mut codings = tokens(h.value).peekable();
-                f.chunked = false;
-                while let Some(t) = codings.next() {
-                    let last = codings.peek().is_none();
-                    if eq(t, "chunked") {
-                        // Chunked twice, or before another coding: no reading of it is safe.
-                        f.chunked_early |= !last || f.chunked;
-                        f.chunked = last;
-                    } else {
-                        f.other_coding = true;
-                    }
-                }
+                f.codings.add(h.value);
+                f.chunked = f.codings.chunked;
             } else if eq(n, "host") {
                 f.hosts += 1;
             } else if eq(n, "upgrade") {
@@ -505,19 +536,18 @@ impl<'a> HeadFacts<'a> {
     /// §6.3); if not, the answer to give before closing. Nothing of such a request is sent
     /// on: a proxy that guesses here is one that can be made to see two requests where the
     /// instance sees one.
-    fn check_request(&self) -> Result<(), StatusCode> {
-        if self.hosts != 1 || self.bad_length {
+    fn check_request(&self, http11: bool) -> Result<(), StatusCode> {
+        // HTTP/1.1 requires exactly one `Host`; HTTP/1.0 may have none, never two.
+        let hosts_ok = if http11 {
+            self.hosts == 1
+        } else {
+            self.hosts <= 1
+        };
+        // HTTP/1.0 has no transfer codings: such a message's framing is faulty (§6.1).
+        if !hosts_ok || self.bad_length || (!http11 && self.transfer_encoding) {
             return Err(StatusCode::BAD_REQUEST);
         }
-        if self.transfer_encoding {
-            if self.length.is_some() || !self.chunked || self.chunked_early || self.te_lines > 1 {
-                return Err(StatusCode::BAD_REQUEST);
-            }
-            if self.other_coding {
-                return Err(StatusCode::NOT_IMPLEMENTED);
-            }
-        }
-        Ok(())
+        self.codings.request_verdict(self.length.is_some())
     }
 
     /// The request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).

@@ -57,6 +57,10 @@ pub struct ServiceMetrics {
     /// Requests whose client closed before the answer came (nginx's 499): the upstream
     /// request was abandoned.
     pub aborted: AtomicU64,
+    /// Requests that waited for a place at an instance (`--max-conns-per-instance`), and
+    /// those that waited in vain (503).
+    pub queued: AtomicU64,
+    pub queue_timeouts: AtomicU64,
     pub latency: Histogram,
 }
 

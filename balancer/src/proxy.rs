@@ -95,6 +95,10 @@ pub enum ProxyError {
         status: StatusCode,
         why: &'static str,
     },
+    /// No place at an instance came free within `--queue-timeout`, or the queue was full.
+    Queue {
+        service: String,
+    },
     /// This host ran out of something a connection needs (descriptors, ports, buffers):
     /// no instance is to blame, and another try would fail the same way.
     LocalResources {
@@ -139,6 +143,10 @@ impl ProxyError {
                 format!("an instance of service {service} did not answer in time\n"),
             ),
             ProxyError::Refused { status, why } => (*status, (*why).to_string()),
+            ProxyError::Queue { service } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("every instance of service {service} is at its connection limit\n"),
+            ),
             ProxyError::LocalResources { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the balancer is short of resources; try again\n".to_string(),
@@ -147,7 +155,7 @@ impl ProxyError {
     }
 
     /// Logs the failure and counts the local answer it becomes, for `service`.
-    pub fn report(&self, service: &ServiceState) {
+    pub fn report(&self, state: &ServiceState) {
         match self {
             ProxyError::AllFailed { service, last } => {
                 tracing::warn!(%service, cause = last.as_deref().unwrap_or(""), "no instance could answer");
@@ -158,13 +166,17 @@ impl ProxyError {
             ProxyError::BadRequest { cause } => {
                 tracing::debug!(%cause, "client request body failed");
             }
+            ProxyError::Queue { service } => {
+                state.metrics.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%service, "no place at an instance within the queue timeout (503)");
+            }
             ProxyError::LocalResources { cause } => {
                 tracing::warn!(%cause, "cannot open an upstream connection: this host is short of resources (no instance blamed)");
             }
             _ => {}
         }
         let class = usize::from(self.status_and_body().0.as_u16() / 100).clamp(1, 5) - 1;
-        service.metrics.local[class].fetch_add(1, Ordering::Relaxed);
+        state.metrics.local[class].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -313,11 +325,20 @@ fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
             "exactly one Host header is required\n",
         );
     }
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    if h.contains_key(header::TRANSFER_ENCODING)
+        && (h.contains_key(header::CONTENT_LENGTH) || req.version() == http::Version::HTTP_10)
+    {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "Content-Length beside Transfer-Encoding\n",
+            "Transfer-Encoding beside Content-Length, or in HTTP/1.0\n",
         );
+    }
+    let mut codings = crate::http1::Codings::default();
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        codings.add(v.as_bytes());
+    }
+    if let Err(status) = codings.request_verdict(false) {
+        return refuse(status, "unsupported or ambiguous Transfer-Encoding\n");
     }
     Ok(())
 }
@@ -477,6 +498,31 @@ impl Attempts {
     }
 }
 
+/// A place at `backend` for one request under `--max-conns-per-instance`: at once if one is
+/// free, else after waiting (counted as queued) up to `timeout`; `None` if none came free.
+/// Places freed anywhere (either path, any event loop) are seen within a few milliseconds.
+async fn wait_for_place(
+    backend: &Arc<Backend>,
+    cap: usize,
+    timeout: std::time::Duration,
+    service: &ServiceState,
+) -> Option<crate::upstream::InFlight> {
+    if let Some(p) = backend.try_begin(cap) {
+        return Some(p);
+    }
+    service.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if let Some(p) = backend.try_begin(cap) {
+            return Some(p);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
 /// Counts a request whose client left before its answer (see [`handle`]).
 struct AbortWatch {
     /// Cleared once the answer is ready.
@@ -516,6 +562,14 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer);
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        // A body of unknown length (chunked from the client) goes on chunked: said outright,
+        // since hyper's client sends no body at all for a `GET` or `HEAD` without it.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     if let Some(u) = &upgrade {
         // The two headers that ask for the switch are hop-by-hop, and are asked again of
         // the instance (RFC 9110 §7.8).
@@ -538,6 +592,19 @@ async fn forward(
 
     while let Some(attempt) = attempts.next(service, &backends) {
         let backend: &Arc<Backend> = &backends.list[attempt.index];
+        let place = match app.config.max_conns_per_instance {
+            None => None,
+            Some(cap) => {
+                match wait_for_place(backend, cap, app.config.queue_timeout, service).await {
+                    Some(p) => Some(p),
+                    None => {
+                        return Err(ProxyError::Queue {
+                            service: service.name.clone(),
+                        })
+                    }
+                }
+            }
+        };
         let Some(b) = body.take() else { break };
         let conn = if attempt.fresh {
             backend.connect_fresh(app.config.connect_timeout).await
@@ -564,8 +631,13 @@ async fn forward(
             backend.record_connect_success();
         }
         let request = Request::from_parts(parts.clone(), b);
+        // A replayable request may give up on a silent instance sooner and go elsewhere.
+        let first_byte = app
+            .config
+            .first_byte_timeout
+            .filter(|t| replayable && *t < app.config.upstream_timeout);
         let sent = tokio::time::timeout(
-            app.config.upstream_timeout,
+            first_byte.unwrap_or(app.config.upstream_timeout),
             conn.sender.try_send_request(request),
         )
         .await;
@@ -607,13 +679,14 @@ async fn forward(
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());
                 strip_hop_by_hop(&mut rparts.headers);
-                let body = PooledBody::new(
+                let mut body = PooledBody::new(
                     rbody,
                     conn.sender,
                     Arc::clone(backend),
                     Arc::clone(service),
                     app.config.upstream_timeout,
                 );
+                body.hold(place);
                 return Ok(Response::from_parts(rparts, ProxyBody::Upstream(body)));
             }
             Ok(Err(mut e)) => {
@@ -638,6 +711,24 @@ async fn forward(
                     continue;
                 }
                 break;
+            }
+            Err(_) if first_byte.is_some() => {
+                backend.failures.fetch_add(1, Ordering::Relaxed);
+                backend.clear_pool();
+                backend.record_connect_failure();
+                tracing::warn!(service = %service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                last_error = Some(format!(
+                    "{}: no first byte within the first-byte timeout",
+                    backend.authority
+                ));
+                if attempts.may_resend(replayable, backend, &attempt, false) {
+                    body = Some(UpBody::Empty);
+                    continue;
+                }
+                return Err(ProxyError::Timeout {
+                    service: service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                });
             }
             Err(_) => {
                 backend.failures.fetch_add(1, Ordering::Relaxed);

@@ -8,7 +8,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -93,6 +93,9 @@ pub struct Backend {
     pub failures: AtomicU64,
     pub ejections: AtomicU64,
     consecutive_connect_failures: AtomicU32,
+    /// Requests at the instance now, counted only under `--max-conns-per-instance` (see
+    /// [`Backend::try_begin`]).
+    in_use: AtomicUsize,
     /// Milliseconds since `epoch` until which the instance is skipped; 0 when not ejected.
     ejected_until_ms: AtomicU64,
     epoch: Instant,
@@ -179,6 +182,7 @@ impl Backend {
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             consecutive_connect_failures: AtomicU32::new(0),
+            in_use: AtomicUsize::new(0),
             ejected_until_ms: AtomicU64::new(0),
             epoch,
         }
@@ -276,6 +280,22 @@ impl Backend {
         Ok(*self.addr.get_or_init(|| a))
     }
 
+    /// A place for one more request at this instance, if fewer than `cap` are there now.
+    /// The place is given back when the returned guard drops.
+    pub fn try_begin(self: &Arc<Self>, cap: usize) -> Option<InFlight> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(Arc::clone(self)))
+    }
+
+    /// Requests at the instance now (counted only under `--max-conns-per-instance`).
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
     /// Drops every pooled connection (the instance restarted or closed them).
     pub fn clear_pool(&self) {
         self.pool().clear();
@@ -335,6 +355,16 @@ impl Backend {
     }
 }
 
+/// One request's place at an instance under `--max-conns-per-instance`; given back on drop.
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Errors of a response body on its way to the client.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -365,6 +395,9 @@ pub struct PooledBody {
     last: tokio::time::Instant,
     /// Made at the first wait only.
     timer: Option<LazyTimer>,
+    /// The request's place at the instance (`--max-conns-per-instance`), given back when
+    /// the body is done with.
+    place: Option<InFlight>,
 }
 
 impl PooledBody {
@@ -382,6 +415,7 @@ impl PooledBody {
             idle,
             last: tokio::time::Instant::now(),
             timer: None,
+            place: None,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -389,7 +423,15 @@ impl PooledBody {
         body
     }
 
+    /// Keeps the request's place at the instance until the body is done with.
+    pub fn hold(&mut self, place: Option<InFlight>) {
+        if !self.inner.is_end_stream() {
+            self.place = place;
+        }
+    }
+
     fn release(&mut self) {
+        self.place = None;
         if let Some((sender, backend)) = self.conn.take() {
             backend.checkin(sender);
         }

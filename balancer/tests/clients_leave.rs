@@ -6,58 +6,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use common::raw::*;
 use common::*;
-use tokio::io::AsyncReadExt;
-
-/// An instance that reads each request and never answers it, but notices (and counts) when
-/// the balancer closes the connection.
-struct Silent {
-    addr: std::net::SocketAddr,
-    requests: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
-    _server: Server,
-}
-
-async fn silent_upstream() -> Silent {
-    let (requests, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (r, c) = (Arc::clone(&requests), Arc::clone(&closed));
-    let server = Server::start(
-        || {},
-        move |mut s| {
-            let (r, c) = (Arc::clone(&r), Arc::clone(&c));
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            c.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        Ok(n) => {
-                            got.extend_from_slice(&buf[..n]);
-                            if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                                r.fetch_add(1, Ordering::SeqCst);
-                                got.clear();
-                            }
-                        }
-                    }
-                }
-            })
-        },
-    )
-    .await;
-    Silent {
-        addr: server.addr,
-        requests,
-        closed,
-        _server: server,
-    }
-}
 
 async fn leaves_while_waiting(request: &[u8], handed_off: bool) {
     let up = silent_upstream().await;

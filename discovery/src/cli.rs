@@ -66,6 +66,11 @@ pub struct AgentArgs {
     /// Not a Consul flag: floor of DeregisterCriticalServiceAfter (Consul: 1m). For tests.
     #[arg(long, value_parser = parse_duration, default_value = "1m")]
     pub dev_deregister_min: Duration,
+    /// Most concurrent HTTP connections from one client address, as Consul's
+    /// `limits.http_max_conns_per_client`; past it a connection gets Consul's 429 and is
+    /// closed. 0: no limit.
+    #[arg(long, default_value_t = crate::agent::DEFAULT_MAX_CONNS_PER_CLIENT)]
+    pub dev_max_conns_per_client: usize,
 }
 
 /// Where the agent is: `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN`, like every Consul tool.
@@ -192,6 +197,7 @@ async fn run_agent(a: AgentArgs, shutdown: impl std::future::Future<Output = ()>
     let mut config = AgentConfig::new(node, advertise);
     config.reap_interval = a.dev_reap_interval.max(Duration::from_millis(100));
     config.deregister_min = a.dev_deregister_min;
+    config.max_conns_per_client = a.dev_max_conns_per_client;
     if config.reap_interval != DEFAULT_REAP_INTERVAL
         || config.deregister_min != DEFAULT_DEREGISTER_MIN
     {

@@ -229,6 +229,12 @@ impl Task {
         // Set by an outage; the first answer after it starts the recovery grace.
         let mut outage = false;
         let mut grace_until: Option<Instant> = None;
+        // The node ID of the agent answering (`agent/self`), learnt with the first answer and
+        // again after each outage. An agent restarted between two queries shows no outage
+        // (no failed query, and our dev agent's index keeps growing); its new node ID is how
+        // a restart is told from services leaving (`None`: unknown, e.g. ACLs deny it).
+        let mut agent_id: Option<String> = None;
+        let mut learn_agent = !self.opts.recovery_grace.is_zero();
         loop {
             if !sleep_until_or_stop(limit.reserve(Instant::now()), &mut stop).await {
                 break;
@@ -275,6 +281,7 @@ impl Task {
                             let now = Instant::now();
                             if outage && !self.opts.recovery_grace.is_zero() {
                                 grace_until = Some(now + self.opts.recovery_grace);
+                                learn_agent = true;
                             }
                             outage = false;
                             if grace_until.is_some_and(|end| now >= end) {
@@ -282,6 +289,30 @@ impl Task {
                             }
                             let mut instances: Vec<Instance> =
                                 entries.iter().map(Instance::from_entry).collect();
+                            // One extra request per watcher start and per recovery, and one
+                            // per answer that loses instances.
+                            let restarted = if learn_agent {
+                                learn_agent = false;
+                                agent_id = self.agent_id(&mut stop).await;
+                                false
+                            } else if grace_until.is_none()
+                                && agent_id.is_some()
+                                && self.loses_instances(&instances)
+                            {
+                                let now_id = self.agent_id(&mut stop).await;
+                                let restarted = now_id.is_some() && agent_id != now_id;
+                                agent_id = now_id;
+                                restarted
+                            } else {
+                                false
+                            };
+                            if restarted {
+                                warn!(
+                                    grace = ?self.opts.recovery_grace,
+                                    "the agent restarted between two queries (new node ID); treating it as a recovery"
+                                );
+                                grace_until = Some(now + self.opts.recovery_grace);
+                            }
                             if grace_until.is_some() {
                                 let previous = self.snapshots.borrow().clone();
                                 if let Some(previous) = previous {
@@ -328,6 +359,28 @@ impl Task {
             }
         }
         debug!("watch stopped");
+    }
+
+    /// The answering agent's node ID, if it tells (`agent/self`); `None` on any failure.
+    async fn agent_id(&self, stop: &mut StopSignal) -> Option<String> {
+        match or_stop(stop, self.client.agent_self()).await? {
+            Ok(me) if !me.config.node_id.is_empty() => Some(me.config.node_id),
+            Ok(_) => None,
+            Err(e) => {
+                debug!(error = %chain(&e), "agent/self failed; cannot tell a restarted agent");
+                None
+            }
+        }
+    }
+
+    /// Whether `instances` lacks an instance the published set has.
+    fn loses_instances(&self, instances: &[Instance]) -> bool {
+        self.snapshots.borrow().as_ref().is_some_and(|published| {
+            published
+                .instances
+                .iter()
+                .any(|p| !instances.iter().any(|i| i.id == p.id))
+        })
     }
 
     /// Publishes `instances` (sorted) unless they equal the published set.

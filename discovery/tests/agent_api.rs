@@ -192,6 +192,23 @@ async fn unknown_paths_are_404_with_consuls_text() {
     }
 }
 
+#[tokio::test]
+async fn the_root_says_the_ui_is_disabled_as_consul_does() {
+    let agent = Agent::start().await;
+    for method in ["GET", "HEAD", "PUT"] {
+        let r = agent.call(method, "/", "").await;
+        assert_eq!(r.status, 200, "{method} /");
+        assert_eq!(r.header("Content-Type"), Some("text/plain; charset=utf-8"));
+        if method != "HEAD" {
+            assert_eq!(
+                r.body,
+                "Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent configuration and restart.",
+                "{method} /"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Registration: decoding (§1.2.1)
 // ---------------------------------------------------------------------------------------------
@@ -556,15 +573,7 @@ async fn register_validation_messages_in_consuls_order() {
         ),
     ];
     for (body, text) in &cases {
-        agent
-            .expect_error(
-                "PUT",
-                "/v1/agent/service/register",
-                &body.to_string(),
-                400,
-                text,
-            )
-            .await;
+        agent.expect_register_error(body, text).await;
     }
     // Script checks are refused last, with a 500 (a plain Go error in Consul).
     let scripts = "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true";
@@ -1925,7 +1934,9 @@ async fn blocking_query_returns_promptly_on_a_change() {
     assert!(r.index() > index);
     assert!(r.json().get("api").is_some());
 
-    // Waiting on a missing service falls back to the services table: any registration wakes it.
+    // Waiting on a missing service: only its own registration wakes the query (Consul falls
+    // back to the services table's index there, so any registration would answer the same
+    // `[]` with a new index; here the index of a missing service moves only with it).
     let r = agent.get("/v1/health/service/ghost").await;
     let index = r.index();
     let pending = spawn_get(
@@ -1935,9 +1946,13 @@ async fn blocking_query_returns_promptly_on_a_change() {
     sleep(Duration::from_millis(300)).await;
     assert!(!pending.is_finished());
     agent.register(json!({"Name": "other"})).await;
+    sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "another service does not wake it");
+    assert_eq!(agent.get("/v1/health/service/ghost").await.index(), index);
+    agent.register(json!({"Name": "ghost"})).await;
     let r = timeout(PROMPTLY, pending).await.expect("woken").unwrap();
     assert!(r.index() > index);
-    assert_eq!(r.json(), json!([]));
+    assert_eq!(r.json()[0]["Service"]["Service"], "ghost");
 }
 
 #[tokio::test]

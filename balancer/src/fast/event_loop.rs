@@ -38,6 +38,12 @@ pub(super) struct Engine {
     pub(super) now: Instant,
     /// Scratch space for local answers.
     pub(super) out: Vec<u8>,
+    /// Clients waiting for a place at an instance (`State::Queued`), oldest first, with
+    /// their generation (a slot may have been reused since).
+    pub(super) queue: std::collections::VecDeque<(usize, u64)>,
+    /// A place at an instance was given back on this loop since the queue was last served.
+    pub(super) place_freed: bool,
+    pub(super) next_queue_poll: Instant,
 }
 
 impl Engine {
@@ -73,6 +79,9 @@ impl Engine {
                 }
             }
             self.fire_timers();
+            if !self.queue.is_empty() && (self.place_freed || self.now >= self.next_queue_poll) {
+                self.serve_queue();
+            }
             if self.accept_paused {
                 self.accept();
             }
@@ -89,6 +98,9 @@ impl Engine {
             .map(|at| at.saturating_duration_since(Instant::now()));
         if self.accept_paused && !self.stopping {
             t = Some(t.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+        }
+        if !self.queue.is_empty() {
+            t = Some(t.map_or(QUEUE_POLL, |t| t.min(QUEUE_POLL)));
         }
         t
     }
@@ -161,6 +173,22 @@ impl Engine {
             entry.insert(Slot::Client(client));
             self.clients += 1;
             self.app.connections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives each queued client, oldest first, one more try at a place; those that find
+    /// none go back in the queue.
+    fn serve_queue(&mut self) {
+        self.place_freed = false;
+        self.next_queue_poll = self.now + QUEUE_POLL;
+        for _ in 0..self.queue.len() {
+            let Some((key, gen)) = self.queue.pop_front() else {
+                break;
+            };
+            let waiting = matches!(self.slots.get(key), Some(Slot::Client(c)) if c.gen == gen && matches!(c.state, State::Queued));
+            if waiting {
+                self.drive(key, false);
+            }
         }
     }
 
@@ -338,12 +366,36 @@ impl Engine {
                     .as_ref()
                     .and_then(|x| x.up.as_ref())
                     .is_some_and(|u| !u.connected);
+                let mut first_byte = false;
+                if let Some(x) = c.exchange.as_mut() {
+                    if x.try_deadline.is_some_and(|d| d <= self.now) {
+                        x.try_deadline = None;
+                        if c.ubuf.is_empty() {
+                            first_byte = true;
+                        } else if x.answer_deadline > self.now {
+                            // The answer has begun: the upstream timeout alone applies now.
+                            c.deadline = x.answer_deadline;
+                            return Some(Step::Wait);
+                        }
+                    }
+                }
                 if connecting {
                     self.connect_failed(c, "connect timed out".into());
                     self.next_attempt(key, c)
+                } else if first_byte {
+                    self.attempt_failed(key, c, Failure::FirstByte)
                 } else {
                     self.attempt_failed(key, c, Failure::Timeout)
                 }
+            }
+            State::Queued => {
+                let e = ProxyError::Queue {
+                    service: c
+                        .exchange
+                        .as_ref()
+                        .map_or_else(String::new, |x| x.service.name.clone()),
+                };
+                self.fail(c, &e)
             }
             State::Relay => {
                 if let Some(x) = &c.exchange {

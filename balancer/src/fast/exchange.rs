@@ -40,6 +40,8 @@ pub(super) enum State {
     Body(Request),
     /// At an instance: connecting, sending, or waiting for the response head.
     Upstream,
+    /// Waiting for a place at the chosen instance (`--max-conns-per-instance`).
+    Queued,
     /// Streaming the response body to the client.
     Relay,
     /// Writing out what is queued for the client; then the next request, or close.
@@ -59,6 +61,11 @@ pub(super) struct Exchange {
     pub(super) up: Option<Upstream>,
     pub(super) last_error: Option<String>,
     pub(super) relay: Option<Relay>,
+    /// When the current attempt must have had its first answer byte (`--first-byte-timeout`,
+    /// replayable requests only); set once the request is sent.
+    pub(super) try_deadline: Option<Instant>,
+    /// The upstream timeout's deadline, which applies again once the first byte came.
+    pub(super) answer_deadline: Instant,
 }
 
 impl Exchange {
@@ -106,6 +113,8 @@ pub(super) enum Failure {
     /// The instance answered something that is not an HTTP response.
     Malformed(String),
     Timeout,
+    /// A replayable request had no first answer byte within `--first-byte-timeout`.
+    FirstByte,
 }
 
 /// What driving a client came to.
@@ -148,6 +157,10 @@ impl Engine {
                 State::Head => self.read_head(c),
                 State::Body(_) => self.read_body(key, c),
                 State::Upstream => self.at_upstream(key, c),
+                State::Queued => match self.acquire(key, c) {
+                    Ok(step) => step,
+                    Err(()) => self.next_attempt(key, c),
+                },
                 State::Relay => self.relay(c),
                 State::Drain { close } => {
                     let close = *close;
@@ -279,14 +292,14 @@ impl Engine {
             up: None,
             last_error: None,
             relay: None,
+            try_deadline: None,
+            answer_deadline: self.now,
         });
         self.next_attempt(key, c)
     }
 
     /// Picks the next instance and gets a socket to it, pooled or new.
     pub(super) fn next_attempt(&mut self, key: usize, c: &mut Client) -> Option<Step> {
-        let cfg = &self.app.config;
-        let (connect_timeout, upstream_timeout) = (cfg.connect_timeout, cfg.upstream_timeout);
         loop {
             let (Some(x), Some(attempts)) = (c.exchange.as_mut(), c.attempts.as_mut()) else {
                 return Some(Step::Close);
@@ -295,50 +308,98 @@ impl Engine {
                 let e = x.all_failed();
                 return self.fail(c, &e);
             };
-            let backend = Arc::clone(&x.backends.list[attempt.index]);
-            let fresh = attempt.fresh;
             x.attempt = Some(attempt);
-            let addr = match backend.socket_addr() {
-                Ok(a) => a,
-                Err(e) => {
-                    self.connect_failed(c, format!("cannot resolve: {e}"));
-                    continue;
-                }
-            };
-            let pooled = if fresh {
-                None
-            } else {
-                self.checkout(addr, backend.pool_epoch(), key)
-            };
-            let up = match pooled {
-                Some(up) => up,
-                None => match self.connect(addr, key) {
-                    Ok(up) => up,
-                    Err(e) if is_local_resource_error(&e) => {
-                        let e = ProxyError::LocalResources {
-                            cause: e.to_string(),
-                        };
-                        return self.fail(c, &e);
-                    }
-                    Err(e) => {
-                        self.connect_failed(c, format!("connect failed: {e}"));
-                        continue;
-                    }
-                },
-            };
-            let Some(x) = c.exchange.as_mut() else {
-                return Some(Step::Close);
-            };
-            c.deadline = if up.connected {
-                x.upstream_deadline(self.now, upstream_timeout)
-            } else {
-                self.now + connect_timeout
-            };
-            x.up = Some(up);
-            c.ubuf.clear();
-            c.state = State::Upstream;
-            return None;
+            match self.acquire(key, c) {
+                Ok(step) => return step,
+                Err(()) => continue,
+            }
         }
+    }
+
+    /// Gets a socket, pooled or new, for the current attempt's instance. `Err`: that
+    /// instance cannot be reached now; on to the next attempt. Under
+    /// `--max-conns-per-instance`, a full instance puts the request in the loop's queue.
+    pub(super) fn acquire(&mut self, key: usize, c: &mut Client) -> Result<Option<Step>, ()> {
+        let cfg = &self.app.config;
+        let (connect_timeout, upstream_timeout) = (cfg.connect_timeout, cfg.upstream_timeout);
+        let Some(x) = c.exchange.as_mut() else {
+            return Ok(Some(Step::Close));
+        };
+        let Some(attempt) = x.attempt.as_ref() else {
+            return Ok(Some(Step::Close));
+        };
+        let backend = Arc::clone(&x.backends.list[attempt.index]);
+        let fresh = attempt.fresh;
+        let addr = match backend.socket_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                self.connect_failed(c, format!("cannot resolve: {e}"));
+                return Err(());
+            }
+        };
+        let place = match cfg.max_conns_per_instance {
+            None => None,
+            Some(cap) => match backend.try_begin(cap) {
+                Some(p) => Some(p),
+                None => return Ok(self.enqueue(key, c)),
+            },
+        };
+        let pooled = if fresh {
+            None
+        } else {
+            self.checkout(addr, backend.pool_epoch(), key)
+        };
+        let mut up = match pooled {
+            Some(up) => up,
+            None => match self.connect(addr, key) {
+                Ok(up) => up,
+                Err(e) if is_local_resource_error(&e) => {
+                    let e = ProxyError::LocalResources {
+                        cause: e.to_string(),
+                    };
+                    return Ok(self.fail(c, &e));
+                }
+                Err(e) => {
+                    self.connect_failed(c, format!("connect failed: {e}"));
+                    return Err(());
+                }
+            },
+        };
+        up.place = place;
+        let Some(x) = c.exchange.as_mut() else {
+            return Ok(Some(Step::Close));
+        };
+        c.deadline = if up.connected {
+            x.upstream_deadline(self.now, upstream_timeout)
+        } else {
+            self.now + connect_timeout
+        };
+        x.up = Some(up);
+        x.try_deadline = None;
+        c.ubuf.clear();
+        c.state = State::Upstream;
+        Ok(None)
+    }
+
+    /// Every place at the chosen instance is taken: the request waits in this loop's queue
+    /// (see `Engine::serve_queue`) for up to `--queue-timeout`.
+    fn enqueue(&mut self, key: usize, c: &mut Client) -> Option<Step> {
+        let Some(x) = c.exchange.as_ref() else {
+            return Some(Step::Close);
+        };
+        if !matches!(c.state, State::Queued) {
+            if self.queue.len() >= self.app.config.max_queue {
+                let e = ProxyError::Queue {
+                    service: x.service.name.clone(),
+                };
+                return self.fail(c, &e);
+            }
+            x.service.metrics.queued.fetch_add(1, Ordering::Relaxed);
+            c.state = State::Queued;
+            c.deadline = self.now + self.app.config.queue_timeout;
+        }
+        self.queue.push_back((key, c.gen));
+        Some(Step::Wait)
     }
 
     /// A connect failed: the instance is ejected for a cool-off, the request is intact for
@@ -419,6 +480,16 @@ impl Engine {
                 }
                 Err(e) => return self.attempt_failed(key, c, Failure::Sent(e.to_string())),
             }
+        }
+        if let (true, None, Some(limit)) = (
+            x.replayable,
+            x.try_deadline,
+            self.app.config.first_byte_timeout,
+        ) {
+            let at = self.now + limit;
+            x.try_deadline = Some(at);
+            x.answer_deadline = c.deadline;
+            c.deadline = c.deadline.min(at);
         }
         loop {
             if !c.ubuf.is_empty() {
@@ -524,6 +595,22 @@ impl Engine {
                 // The instance answered, but not in HTTP: no retry, like any answer.
                 x.note_failure(&backend, cause);
                 let e = x.all_failed();
+                return self.fail(c, &e);
+            }
+            Failure::FirstByte => {
+                // Most likely a dead link or a hung instance: its pooled sockets are not
+                // trusted either, and it sits out a cool-off as after a failed connect.
+                backend.clear_pool();
+                backend.record_connect_failure();
+                tracing::warn!(service = %x.service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                x.note_failure(&backend, "no first byte within the first-byte timeout");
+                if attempts.may_resend(x.replayable, &backend, &attempt, false) {
+                    return self.next_attempt(key, c);
+                }
+                let e = ProxyError::Timeout {
+                    service: x.service.name.clone(),
+                    instance: backend.instance.id.clone(),
+                };
                 return self.fail(c, &e);
             }
             Failure::Sent(cause) => cause,

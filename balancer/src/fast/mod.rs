@@ -68,7 +68,7 @@ use crate::http1::{
 };
 use crate::proxy::{Attempt, Attempts, Peer, ProxyError};
 use crate::service::{Backends, ServiceState};
-use crate::upstream::{is_local_resource_error, Backend, MAX_IDLE_PER_INSTANCE};
+use crate::upstream::{is_local_resource_error, Backend, InFlight, MAX_IDLE_PER_INSTANCE};
 use crate::App;
 
 const LISTENER: Token = Token(usize::MAX);
@@ -82,6 +82,9 @@ const UPSTREAM_READ_SPACE: usize = 8 * 1024;
 const MAX_READ_SPACE: usize = 64 * 1024;
 /// How often a paused accept loop (connection cap reached, or accept failing) tries again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+/// How often queued requests look for a place freed elsewhere (another loop, the hyper
+/// path); a place freed on their own loop is taken at once.
+const QUEUE_POLL: Duration = Duration::from_millis(5);
 
 /// A connection the fast path passes to the hyper path.
 pub struct Handoff {
@@ -154,6 +157,9 @@ impl FastPath {
                 stopping: false,
                 now: Instant::now(),
                 out: Vec::with_capacity(1024),
+                queue: std::collections::VecDeque::new(),
+                place_freed: false,
+                next_queue_poll: Instant::now(),
             };
             let name = if loops == 1 {
                 "balancer-fast".to_string()

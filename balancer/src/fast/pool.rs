@@ -22,6 +22,8 @@ pub(super) struct Upstream {
     /// Bytes of the request written.
     pub(super) written: usize,
     pub(super) timer: TimerState,
+    /// The request's place at the instance (`--max-conns-per-instance`), while it has one.
+    pub(super) place: Option<InFlight>,
 }
 
 impl Engine {
@@ -53,6 +55,7 @@ impl Engine {
             eof: false,
             written: 0,
             timer: TimerState::default(),
+            place: None,
         })
     }
 
@@ -89,6 +92,7 @@ impl Engine {
     /// Pools a socket whose last response was read exactly to its end.
     /// `epoch` is the instance's [`Backend::pool_epoch`] now.
     pub(super) fn checkin(&mut self, mut up: Upstream, epoch: u64) {
+        self.release(&mut up);
         // The last read filled its buffer, so the kernel may hold more: bytes past the end
         // of the response mean the instance is out of step, and the next request on this
         // socket would get them as its answer. An edge-triggered socket reports nothing for
@@ -128,7 +132,16 @@ impl Engine {
         }
     }
 
+    /// Gives back the request's place at the instance, if it had one: a queued request may
+    /// take it.
+    fn release(&mut self, up: &mut Upstream) {
+        if up.place.take().is_some() {
+            self.place_freed = true;
+        }
+    }
+
     pub(super) fn close_upstream(&mut self, mut up: Upstream) {
+        self.release(&mut up);
         let _ = self.poll.registry().deregister(&mut up.stream);
         if self.slots.contains(up.key) {
             self.slots.remove(up.key);

@@ -6,7 +6,7 @@
 //! Every wait is bounded by [`DEADLINE`]; everything started here is stopped on drop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -267,6 +267,54 @@ async fn serve_raw(mut s: TcpStream, conn: u64, script: Script, seen: Arc<RawSee
                 }
             }
         }
+    }
+}
+
+/// An instance that reads each request and never answers it, but notices (and counts) when
+/// the balancer closes the connection.
+pub struct Silent {
+    pub addr: std::net::SocketAddr,
+    /// Request heads read.
+    pub requests: Arc<AtomicUsize>,
+    /// Connections the balancer closed.
+    pub closed: Arc<AtomicUsize>,
+    _server: Server,
+}
+
+pub async fn silent_upstream() -> Silent {
+    let (requests, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, c) = (Arc::clone(&requests), Arc::clone(&closed));
+    let server = Server::start(
+        || {},
+        move |mut s| {
+            let (r, c) = (Arc::clone(&r), Arc::clone(&c));
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                loop {
+                    match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                        Ok(0) | Err(_) => {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                got.clear();
+                            }
+                        }
+                    }
+                }
+            })
+        },
+    )
+    .await;
+    Silent {
+        addr: server.addr,
+        requests,
+        closed,
+        _server: server,
     }
 }
 

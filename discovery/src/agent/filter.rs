@@ -25,9 +25,12 @@
 //! `rule "number": Invalid number literal`, `Invalid match operator "Equal" for selector …`)
 //! behind Consul's `Failed to create boolean expression evaluator: ` prefix.
 //!
-//! Not reproduced: Consul validates selectors against the Go type before evaluating, so an
-//! unknown field is an error there even on an empty result; here an unknown key is simply
-//! absent. Fields the wire omits when empty (`Service.Port` 0, `Kind`) are absent too.
+//! Selectors are checked against the fields of the Go type Consul filters on each endpoint
+//! (`fields`) before anything is evaluated, so an unknown field is an error even on an empty
+//! result, as in Consul, and so is a value that does not coerce to an integer or bool field
+//! (`Service.Port == "http"`). A key of a map (`Service.Meta.x`) may be anything, and fields the
+//! wire omits when empty (`Service.Port` 0, `Kind`) are absent at evaluation. Not reproduced:
+//! go-bexpr's per-type operator check (`Service.Port contains 1`) still happens per item.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -54,6 +57,34 @@ impl fmt::Display for FilterError {
 }
 
 impl std::error::Error for FilterError {}
+
+/// One field of a filtered Go type, as go-bexpr sees it (see `fields`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Field {
+    /// Nothing below it: a string.
+    Leaf(&'static str),
+    /// An integer: a value compared with it must parse as one (Go's `ParseInt`).
+    Int(&'static str),
+    /// A bool: a value compared with it must parse as one (Go's `ParseBool`).
+    Bool(&'static str),
+    /// A struct, with its fields.
+    Struct(&'static str, &'static [Field]),
+    /// A slice: a selector goes on into its elements' fields (none for strings).
+    List(&'static str, &'static [Field]),
+    /// A map with string keys: any key, then the value's fields (none for strings).
+    Map(&'static str, &'static [Field]),
+    /// Anything below its name is accepted (configuration the dev agent does not model).
+    Open(&'static str),
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::Leaf(n) | Field::Int(n) | Field::Bool(n) | Field::Open(n) => n,
+            Field::Struct(n, _) | Field::List(n, _) | Field::Map(n, _) => n,
+        }
+    }
+}
 
 /// A parsed `?filter=` expression.
 #[derive(Debug)]
@@ -144,6 +175,14 @@ impl Filter {
         Ok(Self { expr })
     }
 
+    /// Parses an expression whose selectors must name fields of `fields` (the filtered
+    /// type), as Consul checks them before evaluating anything.
+    pub(crate) fn parse_for(src: &str, fields: &[Field]) -> Result<Self, FilterError> {
+        let f = Self::parse(src)?;
+        validate(&f.expr, fields).map_err(FilterError)?;
+        Ok(f)
+    }
+
     /// Whether `item`, in its JSON form, is selected.
     pub(crate) fn matches<T: Serialize>(&self, item: &T) -> Result<bool, FilterError> {
         let value = serde_json::to_value(item).map_err(|e| FilterError(e.to_string()))?;
@@ -189,6 +228,70 @@ pub(crate) fn retain_values<T: Serialize>(
         }
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+/// go-bexpr's `validateRecurse`: every selector walks the type's fields; the first segment
+/// that names nothing fails with the selector up to it. A value compared with an integer or
+/// bool field must coerce to it, checked here too, before any item is looked at.
+fn validate(expr: &Expr, fields: &[Field]) -> Result<(), String> {
+    match expr {
+        Expr::Or(items) | Expr::And(items) => items.iter().try_for_each(|e| validate(e, fields)),
+        Expr::Not(e) => validate(e, fields),
+        Expr::Match(m) => {
+            let invalid = |upto: usize| {
+                format!(
+                    "Selector {:?} is not valid",
+                    m.selector[..=upto.min(m.selector.len() - 1)].join(".")
+                )
+            };
+            let mut level = fields;
+            let mut i = 0;
+            while i < m.selector.len() {
+                let Some(field) = level.iter().find(|f| f.name() == m.selector[i]) else {
+                    return Err(invalid(i));
+                };
+                match *field {
+                    Field::Open(_) => return Ok(()),
+                    Field::Leaf(_) => level = &[],
+                    Field::Int(_) | Field::Bool(_) => {
+                        if i + 1 < m.selector.len() {
+                            return Err(invalid(i + 1));
+                        }
+                        return coerces(m, *field);
+                    }
+                    Field::Struct(_, sub) | Field::List(_, sub) => level = sub,
+                    Field::Map(_, sub) => {
+                        // The key: any.
+                        i += 1;
+                        level = sub;
+                    }
+                }
+                i += 1;
+                if i < m.selector.len() && level.is_empty() {
+                    return Err(invalid(i));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Whether the value of an equality on an integer or bool field coerces to the field's type.
+fn coerces(m: &Match, field: Field) -> Result<(), String> {
+    let (Some(value), Op::Equal | Op::NotEqual) = (&m.value, m.op) else {
+        return Ok(());
+    };
+    match field {
+        Field::Int(_) => parse_go_int(&value.raw)
+            .map(|_| ())
+            .map_err(|why| coerce_failed(m, &value.raw, "ParseInt", why)),
+        Field::Bool(_) => coerce_bool(&value.raw, m).map(|_| ()),
+        _ => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1147,6 +1250,68 @@ mod tests {
             parse_go_int("-9223372036854775808"),
             Ok(i128::from(i64::MIN))
         );
+    }
+
+    #[test]
+    fn selectors_must_name_fields_of_the_filtered_type() {
+        use crate::agent::fields::SERVICE_ENTRY;
+        let check = |src: &str| {
+            Filter::parse_for(src, SERVICE_ENTRY)
+                .map(|_| ())
+                .map_err(|e| e.0)
+        };
+        for ok in [
+            r#"Service.Meta.anything == "1""#,
+            r#"Service.Meta["any key"] is empty"#,
+            "Service.TaggedAddresses.lan_ipv4.Port == 80",
+            r#""v1" in Service.Tags"#,
+            r#"Checks.Status == "passing""#,
+            r#"Node.Meta is not empty and Service.PeerName == """#,
+            r#"Service.Proxy.Upstreams.DestinationName == "db""#,
+            "Node.Locality.Zone == a",
+            r#"Service.Port == 80 and Checks.CreateIndex != "0x10""#,
+            "Service.EnableTagOverride == true",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("Nope == 1", r#"Selector "Nope" is not valid"#),
+            (
+                "Service.Nope == 1",
+                r#"Selector "Service.Nope" is not valid"#,
+            ),
+            (
+                "not (Checks.Nope == 1)",
+                r#"Selector "Checks.Nope" is not valid"#,
+            ),
+            (
+                "Service.Port.X == 1",
+                r#"Selector "Service.Port.X" is not valid"#,
+            ),
+            (
+                "Service.Meta.k.x == 1",
+                r#"Selector "Service.Meta.k.x" is not valid"#,
+            ),
+            (
+                r#""a" in Service.Tags.x"#,
+                r#"Selector "Service.Tags.x" is not valid"#,
+            ),
+            ("service.ID == x", r#"Selector "service" is not valid"#),
+            (
+                "Service.Port.X == 1",
+                r#"Selector "Service.Port.X" is not valid"#,
+            ),
+            (
+                r#"Service.Port == "http""#,
+                r#"Failed to coerce value "http" for selector "Service.Port": strconv.ParseInt: parsing "http": invalid syntax"#,
+            ),
+            (
+                "Service.EnableTagOverride != maybe",
+                r#"Failed to coerce value "maybe" for selector "Service.EnableTagOverride": strconv.ParseBool: parsing "maybe": invalid syntax"#,
+            ),
+        ] {
+            assert_eq!(check(bad), Err(why.to_string()), "{bad}");
+        }
     }
 
     #[test]

@@ -15,10 +15,12 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::bounds;
 use super::decode::{self, CheckDef};
+use super::fields;
 use super::filter::{self, Filter};
 use super::state::{self, Probe, Store, CRITICAL, PASSING, WARNING};
-use super::Shared;
+use super::{Shared, Topic};
 use crate::wire::{
     AgentService, CatalogService, HealthCheck, Member, NodeService, ServiceEntry,
     SERVICE_MAINTENANCE_PREFIX,
@@ -31,6 +33,8 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Consul's `default_query_time` and `max_query_time`.
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_WAIT: Duration = Duration::from_secs(600);
+/// What Consul's root answers when its UI is off (no trailing newline).
+const UI_DISABLED: &str = "Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent configuration and restart.";
 const DEFAULT_MAINT_REASON: &str =
     "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.";
 const DEFAULT_NODE_MAINT_REASON: &str =
@@ -175,11 +179,11 @@ impl From<filter::FilterError> for Fail {
     }
 }
 
-/// `?filter=`: none when absent or empty.
-fn request_filter(q: &Query) -> Result<Option<Filter>, Fail> {
+/// `?filter=` over items of the Go type whose fields are `fields`: none when absent or empty.
+fn request_filter(q: &Query, fields: &[filter::Field]) -> Result<Option<Filter>, Fail> {
     match q.get("filter") {
         None | Some("") => Ok(None),
-        Some(src) => Ok(Some(Filter::parse(src)?)),
+        Some(src) => Ok(Some(Filter::parse_for(src, fields)?)),
     }
 }
 
@@ -288,6 +292,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
         .decode_utf8_lossy()
         .into_owned();
     let query = Query::parse(req.uri().query());
+    // Consul's `Index` handler: with the UI off (as in the dev agent), the root answers 200
+    // and says so, whatever the method; health checks pointed at an agent's root rely on it.
+    if path == "/" {
+        return text(StatusCode::OK, UI_DISABLED);
+    }
     let Some(&(prefix, is_prefix, methods, route)) = ROUTES.iter().find(|(p, pre, _, _)| {
         if *pre {
             path.starts_with(p)
@@ -338,18 +347,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
             }
         }
     } else {
+        // Not held while a blocking query waits: its head is parsed already.
+        drop(req);
         Bytes::new()
     };
-    // What identifies a read for the view cache: the path and every parameter but the
-    // blocking ones, which change how long to wait, not the answer. Decoded values may hold
-    // `&` and `=` (`?tag=a%26filter%3Db` is not `?tag=a&filter=b`), so every part carries its
-    // length.
-    let mut view_key = format!("{}:{path}", path.len());
-    for (k, v) in &query.0 {
-        if !matches!(k.as_str(), "index" | "wait" | "token") {
-            view_key.push_str(&format!("&{}:{k}={}:{v}", k.len(), v.len()));
-        }
-    }
+    let view_key = view_key(&path, &query);
     let ctx = Ctx {
         shared,
         query,
@@ -367,6 +369,24 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: So
     }
 }
 
+/// The parameters that change a read's answer; everything else (blocking, consistency,
+/// tokens, `dc` once validated, parameters we do not know) only changes how or whether it
+/// is answered, and must not split the view cache.
+const ANSWER_PARAMS: &[&str] = &["filter", "node-meta", "passing", "peer", "tag"];
+
+/// What identifies a read for the view cache: the path and the parameters that change the
+/// answer, in request order. Decoded values may hold `&` and `=` (`?tag=a%26filter%3Db` is
+/// not `?tag=a&filter=b`), so every part carries its length.
+fn view_key(path: &str, query: &Query) -> String {
+    let mut key = format!("{}:{path}", path.len());
+    for (k, v) in &query.0 {
+        if ANSWER_PARAMS.contains(&k.as_str()) {
+            key.push_str(&format!("&{}:{k}={}:{v}", k.len(), v.len()));
+        }
+    }
+    key
+}
+
 struct Ctx {
     shared: Arc<Shared>,
     query: Query,
@@ -377,6 +397,21 @@ struct Ctx {
 }
 
 async fn dispatch(route: Route, c: &Ctx) -> HResult {
+    // Consul parses the query options (consistency, wait, index, dc) before anything of the
+    // endpoint's own (`Missing service name`, `?passing`); the filter comes last, in `blocking`.
+    if matches!(
+        route,
+        Route::HealthService
+            | Route::HealthChecks
+            | Route::HealthNode
+            | Route::HealthState
+            | Route::CatalogServices
+            | Route::CatalogService
+            | Route::CatalogNodes
+            | Route::CatalogNode
+    ) {
+        query_options(c)?;
+    }
     match route {
         Route::Register => register(c),
         Route::Deregister => deregister(c),
@@ -408,7 +443,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
             let name = c.tail.clone();
-            blocking(c, move |s, f| {
+            blocking(c, Topic::Service(name.clone()), fields::SERVICE_ENTRY, move |s, f| {
                 let entries = filter::retain(f, health_entries(s, &name, passing, &tags, &meta))?;
                 Ok((entries, s.service_index(&name)))
             })
@@ -419,13 +454,13 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing service name"));
             }
             let name = c.tail.clone();
-            blocking(c, move |s, f| {
-                let checks: Vec<HealthCheck> = s
-                    .checks
-                    .values()
-                    .filter(|r| r.hc.service_name == name)
+            blocking(c, Topic::Service(name.clone()), fields::HEALTH_CHECK, move |s, f| {
+                let mut checks: Vec<HealthCheck> = s
+                    .instances_of(&name)
+                    .flat_map(|r| s.checks_of(&r.svc.id))
                     .map(|r| r.hc.clone())
                     .collect();
+                checks.sort_by(|a, b| a.check_id.cmp(&b.check_id));
                 Ok((filter::retain(f, checks)?, s.service_index(&name)))
             })
             .await
@@ -435,7 +470,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Missing node name"));
             }
             let node = c.tail.clone();
-            blocking(c, move |s, f| {
+            blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
                 let checks: Vec<HealthCheck> = if node == s.node.name {
                     s.checks.values().map(|r| r.hc.clone()).collect()
                 } else {
@@ -453,7 +488,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             if !matches!(state.as_str(), "any" | PASSING | WARNING | CRITICAL) {
                 return Err(fail(400, "Bad check state"));
             }
-            blocking(c, move |s, f| {
+            blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
                 let checks: Vec<HealthCheck> = s
                     .checks
                     .values()
@@ -466,7 +501,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogServices => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s, f| {
+            blocking(c, Topic::All, fields::SERVICE_NODE, move |s, f| {
                 let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
                 if node_matches(s, &meta) {
                     let node = s.node_wire();
@@ -494,12 +529,11 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             let name = c.tail.clone();
             let tags: Vec<String> = c.query.all("tag").into_iter().map(str::to_string).collect();
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s, f| {
+            blocking(c, Topic::Service(name.clone()), fields::SERVICE_NODE, move |s, f| {
                 let node = s.node_wire();
                 let rows: Vec<CatalogService> = s
-                    .services
-                    .values()
-                    .filter(|r| r.svc.service == name && has_tags(&r.svc, &tags))
+                    .instances_of(&name)
+                    .filter(|r| has_tags(&r.svc, &tags))
                     .filter(|_| node_matches(s, &meta))
                     .map(|r| catalog_service(&node, &r.svc))
                     .collect();
@@ -509,7 +543,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogNodes => {
             let meta = node_meta_filter(&c.query);
-            blocking(c, move |s, f| {
+            blocking(c, Topic::All, fields::NODE, move |s, f| {
                 let nodes = if node_matches(s, &meta) {
                     vec![s.node_wire()]
                 } else {
@@ -521,7 +555,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
         }
         Route::CatalogNode => {
             let node = c.tail.clone();
-            blocking(c, move |s, f| {
+            blocking(c, Topic::All, fields::NODE_SERVICE, move |s, f| {
                 let v = if node == s.node.name {
                     let services: BTreeMap<String, NodeService> = s
                         .services
@@ -586,9 +620,8 @@ pub(crate) fn health_entries(
         return Vec::new();
     }
     let node = s.node_wire();
-    s.services
-        .values()
-        .filter(|r| r.svc.service == name && has_tags(&r.svc, tags))
+    s.instances_of(name)
+        .filter(|r| has_tags(&r.svc, tags))
         .filter_map(|r| {
             let checks = s.entry_checks(&r.svc.id);
             if passing && checks.iter().any(|c| c.status != PASSING) {
@@ -637,9 +670,12 @@ struct Blocking {
     consistency: &'static str,
     /// `?filter=`, applied by the view to each result item.
     filter: Option<Filter>,
+    /// `?peer=NAME`: a cluster peer's data, and the dev agent has no peers.
+    peer: bool,
 }
 
-fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
+/// The query options with the filter and peer left out (see `dispatch`).
+fn query_options(c: &Ctx) -> Result<Blocking, Fail> {
     let q = &c.query;
     // Consul's order (`parseInternal`): consistency flags, then `parseWait`, which reads
     // `wait` before `index`; so a request with several bad values gets Consul's message.
@@ -689,8 +725,6 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
             return Err(fail(500, "No path to datacenter"));
         }
     }
-    // Last, as Consul's server builds the evaluator after every parameter check.
-    let filter = request_filter(q)?;
     Ok(Blocking {
         index,
         wait,
@@ -701,20 +735,35 @@ fn parse_blocking(c: &Ctx) -> Result<Blocking, Fail> {
         } else {
             "leader"
         },
-        filter,
+        filter: None,
+        peer: false,
     })
 }
 
-/// Runs `view` now, or, with `?index=N`, again after each change until its index passes
-/// `N` or the wait (plus up to wait/16 of jitter) is over. Returns with Consul's headers.
-/// The view gets the request's `?filter=` and fails when it cannot be evaluated.
-async fn blocking<T, F>(c: &Ctx, view: F) -> HResult
+fn parse_blocking(c: &Ctx, fields: &[filter::Field]) -> Result<Blocking, Fail> {
+    let mut b = query_options(c)?;
+    // Last, as Consul's server builds the evaluator after every parameter check.
+    b.filter = request_filter(&c.query, fields)?;
+    b.peer = c.query.get("peer").is_some_and(|p| !p.is_empty());
+    Ok(b)
+}
+
+/// Runs `view` now, or, with `?index=N`, again after each change to `topic` until its index
+/// passes `N` or the wait (plus up to wait/16 of jitter) is over. Returns with Consul's
+/// headers. The view gets the request's `?filter=` and fails when it cannot be evaluated.
+///
+/// While it waits, a query holds its subscription and nothing else: the answer it last saw
+/// is dropped and rendered again (usually from the view cache) when it is woken.
+///
+/// With `?peer=NAME` the answer is empty (`[]`, `{}` or `null`): the dev agent has no cluster
+/// peers, and Consul answers a peer it does not know with nothing, never the local data.
+async fn blocking<T, F>(c: &Ctx, topic: Topic, fields: &[filter::Field], view: F) -> HResult
 where
-    T: Serialize,
+    T: Serialize + Default,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
-    let b = parse_blocking(c)?;
-    let mut changes = c.shared.changes.subscribe();
+    let b = parse_blocking(c, fields)?;
+    let mut sub = c.shared.subscribe(topic);
     let mut stopping = c.shared.stopping.subscribe();
     let jitter = if b.index > 0 {
         let max = (b.wait / 16).as_nanos() as u64;
@@ -727,20 +776,27 @@ where
         Duration::ZERO
     };
     let deadline = tokio::time::Instant::now() + b.wait + jitter;
+    let mut last = false;
     let (body, index) = loop {
         // Mark the current change as seen before reading, so a change that lands between the
         // read and the wait still wakes us.
-        let seen = *changes.borrow_and_update();
-        let (body, index) = cached_view(c, seen, b.filter.as_ref(), &view)?;
-        if b.index == 0 || index > b.index || *stopping.borrow() {
+        let seen = *sub.rx.borrow_and_update();
+        let (body, index) = if b.peer {
+            (Bytes::from(encode_json(&T::default())), seen)
+        } else {
+            cached_view(c, &sub, seen, b.filter.as_ref(), &view)?
+        };
+        if last || b.index == 0 || index > b.index || *stopping.borrow() {
             break (body, index);
         }
+        drop(body);
         tokio::select! {
-            r = changes.changed() => if r.is_err() { break (body, index) },
-            _ = stopping.changed() => break (body, index),
-            _ = tokio::time::sleep_until(deadline) => break (body, index),
+            r = sub.rx.changed() => last = r.is_err(),
+            _ = stopping.changed() => last = true,
+            _ = tokio::time::sleep_until(deadline) => last = true,
         }
     };
+    drop(sub);
     let mut r = Response::new(Full::new(body));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -765,22 +821,13 @@ where
     Ok(r)
 }
 
-/// Entries kept in the view cache before it is cleared; each is one distinct read.
-const VIEW_CACHE_MAX: usize = 4096;
-
-/// A read's encoded answer and index, shared by every request for the same read at the same
-/// store version: one change wakes every blocking watcher of a service at once, and without
-/// this each would rebuild and re-encode the same answer under the store lock.
-pub(crate) struct CachedView {
-    /// The change index (`Shared::changes`) the answer was computed at.
-    at: u64,
-    index: u64,
-    body: Bytes,
-}
-
-/// The key includes `?filter=`, so each filtered read is cached apart; failures are not cached.
+/// The key holds what changes the answer (see `handle`), so each filtered read is cached
+/// apart; failures are not cached. An answer is kept only when other queries wait on the same
+/// topic: a read nobody shares (one watcher per service, a one-off read) would only hold
+/// memory there.
 fn cached_view<T, F>(
     c: &Ctx,
+    sub: &super::Subscription<'_>,
     seen: u64,
     filter: Option<&Filter>,
     view: &F,
@@ -789,27 +836,26 @@ where
     T: Serialize,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
-    if let Some(hit) = c
-        .shared
-        .view_cache()
-        .get(&c.view_key)
-        .filter(|v| v.at == seen)
-    {
+    // One answer per read and version, shared by every reader the same change wakes.
+    if let Some(hit) = c.shared.view_cache().get(&c.view_key, seen) {
         return Ok((hit.body.clone(), hit.index));
     }
     let (value, index) = {
         let store = c.shared.lock();
         view(&store, filter)?
     };
+    c.shared
+        .renders
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Encode outside the store lock.
     let body = Bytes::from(encode_json(&value));
-    let mut cache = c.shared.view_cache();
-    if cache.len() >= VIEW_CACHE_MAX {
-        cache.clear();
+    drop(value);
+    if !sub.shared() {
+        return Ok((body, index));
     }
-    cache.insert(
-        c.view_key.clone(),
-        CachedView {
+    c.shared.view_cache().insert(
+        &c.view_key,
+        super::cache::CachedView {
             at: seen,
             index,
             body: body.clone(),
@@ -943,6 +989,7 @@ fn register(c: &Ctx) -> HResult {
         }
     }
     validate_meta(&def.meta)?;
+    bounds::service(&def).map_err(|m| fail(400, format!("Invalid service: {m}")))?;
     if !def.kind.is_empty() {
         return Err(fail(
             501,
@@ -956,6 +1003,7 @@ fn register(c: &Ctx) -> HResult {
     for check in &def.checks {
         check
             .validate()
+            .and_then(|()| bounds::check(check))
             .map_err(|m| fail(400, format!("Invalid check: {m}")))?;
     }
     if def
@@ -1015,7 +1063,7 @@ fn register(c: &Ctx) -> HResult {
         let mut store = c.shared.lock();
         let applied = store.register_service(svc, checks, replace);
         if applied.changed {
-            c.shared.notify(&store);
+            c.shared.notify(&mut store);
         }
         applied
     };
@@ -1043,7 +1091,7 @@ fn deregister(c: &Ctx) -> HResult {
     if !store.deregister_service(&c.tail) {
         return Err(unknown_service(&c.tail));
     }
-    c.shared.notify(&store);
+    c.shared.notify(&mut store);
     tracing::info!(id = %c.tail, "service deregistered");
     Ok(empty_ok())
 }
@@ -1090,7 +1138,7 @@ fn service_maintenance(c: &Ctx) -> HResult {
         store.remove_check(&check_id)
     };
     if changed {
-        c.shared.notify(&store);
+        c.shared.notify(&mut store);
     }
     tracing::info!(id = %c.tail, enable, "service maintenance");
     Ok(empty_ok())
@@ -1121,7 +1169,7 @@ fn node_maintenance(c: &Ctx) -> HResult {
         store.remove_check(check_id)
     };
     if changed {
-        c.shared.notify(&store);
+        c.shared.notify(&mut store);
     }
     Ok(empty_ok())
 }
@@ -1135,6 +1183,7 @@ fn check_register(c: &Ctx) -> HResult {
         return Err(fail(400, "Bad check status"));
     }
     def.validate()
+        .and_then(|()| bounds::check(&def))
         .map_err(|m| fail(400, format!("Invalid check: {m}")))?;
     if def.id.is_empty() {
         def.id = def.name.clone();
@@ -1154,7 +1203,7 @@ fn check_register(c: &Ctx) -> HResult {
             ));
         }
         let applied = store.register_check(def, probe, after);
-        c.shared.notify(&store);
+        c.shared.notify(&mut store);
         applied
     };
     c.shared.start_runners(applied.new_runners);
@@ -1166,7 +1215,7 @@ fn check_deregister(c: &Ctx) -> HResult {
     if c.tail == "serfHealth" || !store.remove_check(&c.tail) {
         return Err(unknown_check(&c.tail));
     }
-    c.shared.notify(&store);
+    c.shared.notify(&mut store);
     Ok(empty_ok())
 }
 
@@ -1203,7 +1252,7 @@ fn ttl_update(c: &Ctx, status: &str, output: String) -> HResult {
         tx.send_replace(Instant::now() + ttl);
     }
     if store.set_status(&c.tail, status, output) {
-        c.shared.notify(&store);
+        c.shared.notify(&mut store);
     }
     Ok(empty_ok())
 }
@@ -1276,7 +1325,7 @@ fn agent_service_wire(shared: &Shared, svc: &NodeService) -> AgentService {
 }
 
 fn agent_services(c: &Ctx) -> HResult {
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::AGENT_SERVICE)?;
     let store = c.shared.lock();
     let out: BTreeMap<String, AgentService> = store
         .services
@@ -1306,10 +1355,13 @@ async fn agent_service(c: &Ctx) -> HResult {
     }
     .min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut changes = c.shared.changes.subscribe();
     let mut stopping = c.shared.stopping.subscribe();
+    let mut sub: Option<super::Subscription<'_>> = None;
+    let mut last = false;
     loop {
-        changes.borrow_and_update();
+        if let Some(sub) = &mut sub {
+            sub.rx.borrow_and_update();
+        }
         let current = {
             let store = c.shared.lock();
             store
@@ -1321,9 +1373,16 @@ async fn agent_service(c: &Ctx) -> HResult {
         let Some(mut svc) = current else {
             return Err(fail(404, format!("unknown service ID: {id}")));
         };
+        // Only changes to this service's name can change its answer. Subscribed after the
+        // first read, so read once more before waiting (and again after a rename).
+        let topic = Topic::Service(svc.service.clone());
+        if sub.as_ref().is_none_or(|s| s.topic != topic) {
+            sub = Some(c.shared.subscribe(topic));
+            continue;
+        }
         let hash = content_hash(&svc);
         let unchanged = wait_for.as_deref() == Some(hash.as_str());
-        if !unchanged || *stopping.borrow() {
+        if last || !unchanged || *stopping.borrow() {
             svc.content_hash = hash.clone();
             let mut r = json_resp(&svc);
             if let Ok(v) = HeaderValue::from_str(&hash) {
@@ -1331,23 +1390,17 @@ async fn agent_service(c: &Ctx) -> HResult {
             }
             return Ok(r);
         }
+        let Some(sub) = &mut sub else { continue };
         tokio::select! {
-            _ = changes.changed() => {}
-            _ = stopping.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                svc.content_hash = hash.clone();
-                let mut r = json_resp(&svc);
-                if let Ok(v) = HeaderValue::from_str(&hash) {
-                    r.headers_mut().insert("X-Consul-ContentHash", v);
-                }
-                return Ok(r);
-            }
+            r = sub.rx.changed() => last = r.is_err(),
+            _ = stopping.changed() => last = true,
+            _ = tokio::time::sleep_until(deadline) => last = true,
         }
     }
 }
 
 fn agent_checks(c: &Ctx) -> HResult {
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::HEALTH_CHECK)?;
     let store = c.shared.lock();
     // serfHealth belongs to the catalog, not to the agent's local checks.
     let out: BTreeMap<String, HealthCheck> = store
@@ -1488,7 +1541,7 @@ fn members(c: &Ctx) -> HResult {
     if wan && c.query.has("segment") {
         return Err(fail(400, "Cannot provide a segment with wan=true"));
     }
-    let filter = request_filter(&c.query)?;
+    let filter = request_filter(&c.query, fields::MEMBER)?;
     let members = filter::retain(filter.as_ref(), vec![member(&c.shared, wan)])?;
     Ok(json_resp(&members))
 }
@@ -1505,6 +1558,10 @@ fn agent_self(shared: &Shared) -> Value {
             s.services.values().filter(|r| !r.catalog_only).count(),
             s.checks.len().saturating_sub(1),
         )
+    };
+    let (cache_entries, cache_bytes) = {
+        let cache = shared.view_cache();
+        (cache.len(), cache.bytes())
     };
     json!({
         "Config": {
@@ -1535,6 +1592,14 @@ fn agent_self(shared: &Shared) -> Value {
             "raft": {"state": "Leader", "num_peers": "0", "protocol_version": "3"},
             "runtime": {"arch": std::env::consts::ARCH, "os": std::env::consts::OS, "version": "rust", "uptime": uptime},
             "serf_lan": {"members": "1", "failed": "0", "left": "0"},
+            // Not Consul's: how the dev agent's blocking queries and view cache fare.
+            "dev_agent": {
+                "blocking_queries": shared.subscriptions().to_string(),
+                "view_renders": shared.renders.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+                "view_cache_entries": cache_entries.to_string(),
+                "view_cache_bytes": cache_bytes.to_string(),
+                "view_cache_budget": shared.config.view_cache_bytes.to_string(),
+            },
         },
         "Meta": {"consul-network-segment": "", "consul-version": state::CONSUL_VERSION},
         "xDS": {"SupportedProxies": {"envoy": []}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
@@ -1552,6 +1617,18 @@ mod tests {
         assert_eq!(q.get("passing"), Some(""));
         assert_eq!(q.all("tag"), vec!["a", "b c"]);
         assert_eq!(q.get("x"), Some("a b"));
+    }
+
+    #[test]
+    fn view_keys_hold_only_what_changes_the_answer() {
+        let key = |q: &str| view_key("/v1/catalog/services", &Query::parse(Some(q)));
+        assert_eq!(key("x=1&index=5&wait=1s&stale&token=t&dc=dc1"), key(""));
+        assert_eq!(key("x=1&tag=a"), key("y=2&tag=a"));
+        assert_ne!(key("tag=a"), key("tag=b"));
+        assert_ne!(key("tag=a%26filter%3Db"), key("tag=a&filter=b"));
+        for p in ANSWER_PARAMS {
+            assert_ne!(key(&format!("{p}=v")), key(""), "{p}");
+        }
     }
 
     #[test]

@@ -11,10 +11,14 @@
 //! - [`http`]: routes, handlers, blocking queries, Consul's exact status codes and texts.
 //! - [`checks`]: HTTP/TCP/TTL check runners and the reaper.
 
+mod bounds;
+mod cache;
 mod checks;
 mod decode;
+mod fields;
 mod filter;
 mod http;
+mod limit;
 mod state;
 
 use std::future::Future;
@@ -33,6 +37,8 @@ use state::{AbortOnDrop, Probe, Store, CRITICAL};
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(30);
 /// Consul's `check_deregister_interval_min`.
 pub const DEFAULT_DEREGISTER_MIN: Duration = Duration::from_secs(60);
+/// Consul's `limits.http_max_conns_per_client`.
+pub const DEFAULT_MAX_CONNS_PER_CLIENT: usize = 200;
 /// Time a client gets to send a request head (and, first, its first bytes).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ping interval on HTTP/2 connections with a stream open, and how long a ping may go
@@ -56,6 +62,11 @@ pub struct AgentConfig {
     pub reap_interval: Duration,
     /// Floor of `DeregisterCriticalServiceAfter` (Consul: 1 min).
     pub deregister_min: Duration,
+    /// Most concurrent HTTP connections from one client address (Consul's
+    /// `limits.http_max_conns_per_client`, default 200); 0 means no limit, as in Consul.
+    pub max_conns_per_client: usize,
+    /// Bound on the bytes of encoded answers the agent keeps for sharing between readers.
+    pub view_cache_bytes: usize,
 }
 
 impl AgentConfig {
@@ -67,6 +78,62 @@ impl AgentConfig {
             advertise,
             reap_interval: DEFAULT_REAP_INTERVAL,
             deregister_min: DEFAULT_DEREGISTER_MIN,
+            max_conns_per_client: DEFAULT_MAX_CONNS_PER_CLIENT,
+            view_cache_bytes: cache::DEFAULT_BUDGET,
+        }
+    }
+}
+
+/// What a blocking query waits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Topic {
+    /// Every change: the views across services (`catalog/services`, `health/state/*`, the
+    /// node views).
+    All,
+    /// Changes to the rows of one service name, and node-level checks (which every health
+    /// answer of the node shows).
+    Service(String),
+}
+
+/// The channels blocking queries wait on. Each sends the store index of the last change it
+/// concerns, so a value also identifies a version of the views behind it (the view cache's
+/// key, with the read). A service's channel exists while someone waits on it.
+struct Watches {
+    all: watch::Sender<u64>,
+    services: std::collections::HashMap<String, watch::Sender<u64>>,
+}
+
+/// A blocking query's place on a [`Topic`]; leaving drops the service's channel when it was
+/// the last one waiting there.
+pub(crate) struct Subscription<'a> {
+    shared: &'a Shared,
+    pub(crate) topic: Topic,
+    pub(crate) rx: watch::Receiver<u64>,
+}
+
+impl Subscription<'_> {
+    /// Whether other queries wait on the same topic, and so may share an answer.
+    pub(crate) fn shared(&self) -> bool {
+        let w = self.shared.watches();
+        let tx = match &self.topic {
+            Topic::All => Some(&w.all),
+            Topic::Service(name) => w.services.get(name),
+        };
+        tx.is_some_and(|tx| tx.receiver_count() > 1)
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        if let Topic::Service(name) = &self.topic {
+            let mut w = self.shared.watches();
+            // Subscribing holds the same lock, so "only ours" cannot change under us.
+            if w.services
+                .get(name)
+                .is_some_and(|tx| tx.receiver_count() <= 1)
+            {
+                w.services.remove(name);
+            }
         }
     }
 }
@@ -75,14 +142,17 @@ impl AgentConfig {
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
     store: Mutex<Store>,
-    /// The newest index; every real change sends it, waking blocking queries.
-    pub(crate) changes: watch::Sender<u64>,
+    /// Where blocking queries wait; `notify` wakes only those a change concerns. Locked
+    /// inside the store lock (by `notify`), never the other way round.
+    watches: Mutex<Watches>,
     /// Flips to true when the agent stops, so blocking queries answer at once.
     pub(crate) stopping: watch::Sender<bool>,
     pub(crate) probe_client: checks::ProbeClient,
     pub(crate) started: Instant,
     /// Encoded answers of recent reads, by read (see `http::cached_view`).
-    view_cache: Mutex<std::collections::HashMap<String, http::CachedView>>,
+    view_cache: Mutex<cache::ViewCache>,
+    /// Reads rendered from the store (not served from the view cache), for `agent/self`.
+    pub(crate) renders: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -101,16 +171,21 @@ impl Shared {
             .collect(),
         };
         let store = Store::new(node);
-        let (changes, _) = watch::channel(store.index());
+        let (all, _) = watch::channel(store.index());
         let (stopping, _) = watch::channel(false);
+        let view_cache = Mutex::new(cache::ViewCache::new(config.view_cache_bytes));
         Self {
             config,
             store: Mutex::new(store),
-            changes,
+            watches: Mutex::new(Watches {
+                all,
+                services: std::collections::HashMap::new(),
+            }),
             stopping,
             probe_client: checks::probe_client(),
             started: Instant::now(),
-            view_cache: Mutex::default(),
+            view_cache,
+            renders: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -121,15 +196,68 @@ impl Shared {
     }
 
     /// The read cache; holds only encoded answers, so a poisoned lock is safe to reuse.
-    pub(crate) fn view_cache(
-        &self,
-    ) -> MutexGuard<'_, std::collections::HashMap<String, http::CachedView>> {
+    pub(crate) fn view_cache(&self) -> MutexGuard<'_, cache::ViewCache> {
         self.view_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes blocking queries after a change.
-    pub(crate) fn notify(&self, store: &Store) {
-        self.changes.send_replace(store.index());
+    /// Queries waiting or about to wait on a topic, for `agent/self`.
+    pub(crate) fn subscriptions(&self) -> usize {
+        let w = self.watches();
+        w.all.receiver_count()
+            + w.services
+                .values()
+                .map(|tx| tx.receiver_count())
+                .sum::<usize>()
+    }
+
+    /// Holds only channels, so a poisoned lock is safe to reuse.
+    fn watches(&self) -> MutexGuard<'_, Watches> {
+        self.watches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts waiting on `topic`. Subscribe *before* reading the store: a change that lands
+    /// between the read and the wait then still wakes the query.
+    pub(crate) fn subscribe(&self, topic: Topic) -> Subscription<'_> {
+        let mut w = self.watches();
+        let rx = match &topic {
+            Topic::All => w.all.subscribe(),
+            Topic::Service(name) => match w.services.get(name) {
+                Some(tx) => tx.subscribe(),
+                None => {
+                    // The newest index announced: no change to this service after it has
+                    // been announced, so views cached at this value are still right.
+                    let now = *w.all.borrow();
+                    let (tx, rx) = watch::channel(now);
+                    w.services.insert(name.clone(), tx);
+                    rx
+                }
+            },
+        };
+        Subscription {
+            shared: self,
+            topic,
+            rx,
+        }
+    }
+
+    /// Wakes the blocking queries that can see what changed since the last call: those on
+    /// the services touched and those on [`Topic::All`]. Everyone else sleeps on.
+    pub(crate) fn notify(&self, store: &mut Store) {
+        let dirty = store.take_dirty();
+        let index = store.index();
+        let w = self.watches();
+        w.all.send_replace(index);
+        if dirty.all {
+            for tx in w.services.values() {
+                tx.send_replace(index);
+            }
+        } else {
+            for name in &dirty.names {
+                if let Some(tx) = w.services.get(name) {
+                    tx.send_replace(index);
+                }
+            }
+        }
     }
 
     /// Starts the runners of newly stored checks and parks their handles in the rows.
@@ -157,7 +285,7 @@ impl Shared {
         }
         if store.set_status(check_id, status, output) {
             tracing::debug!(check = check_id, status, "check status changed");
-            self.notify(&store);
+            self.notify(&mut store);
         }
     }
 
@@ -187,7 +315,7 @@ impl Shared {
         };
         if store.set_status(check_id, CRITICAL, output) {
             tracing::info!(check = check_id, "TTL check expired");
-            self.notify(&store);
+            self.notify(&mut store);
         }
     }
 
@@ -201,7 +329,7 @@ impl Shared {
             changed |= store.deregister_service(&id);
         }
         if changed {
-            self.notify(&store);
+            self.notify(&mut store);
         }
     }
 }
@@ -251,11 +379,21 @@ pub async fn run(
     // Shared with the connection tasks, which serve only once the protocol is known.
     let builder = Arc::new(builder);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_client = limit::ConnLimit::new(shared.config.max_conns_per_client);
     tracing::info!(addr = ?listener.local_addr().ok(), node = %shared.config.node_name, "dev agent serving the Consul HTTP API");
     tokio::pin!(shutdown);
     while let Some((permit, stream, peer)) =
         crate::serve::accept(&listener, &permits, &mut shutdown).await
     {
+        // Counted from the accept, before any byte is read, as Consul counts.
+        let Some(slot) = per_client.admit(peer.ip()) else {
+            tracing::warn!(%peer, limit = shared.config.max_conns_per_client, "too many concurrent connections from one client address; answered 429");
+            tokio::spawn(async move {
+                limit::refuse(stream).await;
+                drop(permit);
+            });
+            continue;
+        };
         let shared = shared.clone();
         // Open requests (h2 streams), so that a connection idle with none is closed like an
         // idle HTTP/1 keep-alive one.
@@ -289,6 +427,7 @@ pub async fn run(
             } else {
                 tracing::debug!(%peer, "no request within the header read timeout; closing");
             }
+            drop(slot);
             drop(permit);
         });
     }

@@ -5,8 +5,13 @@
 //! keeps growing across restarts), stamps the rows it touched, and is announced on a
 //! `watch` channel that wakes blocking queries. Changes that change nothing (re-registering
 //! an identical service, a check that stays passing) take no index and wake nobody.
+//!
+//! Two secondary indexes (instances by service name, checks by service ID) keep every read of
+//! one service proportional to that service, not to the catalog; and every change records
+//! which service names it touched ([`Dirty`]), so that only the blocking queries that can
+//! see them are woken (`Shared::notify`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -62,6 +67,22 @@ pub(crate) struct CheckRow {
     pub output_max: usize,
 }
 
+impl CheckRow {
+    /// A check whose status is set from outside ([`Probe::Static`]): no runner, no timers.
+    fn fixed(hc: HealthCheck) -> Self {
+        Self {
+            hc,
+            probe: Probe::Static,
+            generation: 0,
+            runner: None,
+            ttl_deadline: None,
+            critical_since: None,
+            deregister_after: None,
+            output_max: DEFAULT_OUTPUT_MAX,
+        }
+    }
+}
+
 /// A service row.
 pub(crate) struct ServiceRow {
     pub svc: NodeService,
@@ -79,11 +100,29 @@ pub(crate) struct NodeInfo {
     pub meta: BTreeMap<String, String>,
 }
 
+/// The service names changed since the last `Shared::notify`; `all` when a node-level row
+/// changed, which every service's health answer shows.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub all: bool,
+    pub names: BTreeSet<String>,
+}
+
 pub(crate) struct Store {
     index: u64,
     node_create_index: u64,
+    /// By service ID. Rows are added and removed only through `Store`'s methods, which keep
+    /// `instances` in step.
     pub services: BTreeMap<String, ServiceRow>,
+    /// By check ID. Rows are added and removed only through `Store`'s methods, which keep
+    /// `checks_of` in step.
     pub checks: BTreeMap<String, CheckRow>,
+    /// Service name -> IDs of its instances.
+    instances: Listing,
+    /// Service ID -> IDs of its checks; node-level checks under `""`.
+    checks_of: Listing,
+    /// What changed since the last notification.
+    dirty: Dirty,
     services_table: u64,
     checks_table: u64,
     node_checks: u64,
@@ -113,6 +152,9 @@ impl Store {
             node_create_index: 0,
             services: BTreeMap::new(),
             checks: BTreeMap::new(),
+            instances: HashMap::new(),
+            checks_of: HashMap::new(),
+            dirty: Dirty::default(),
             services_table: 0,
             checks_table: 0,
             node_checks: 0,
@@ -148,38 +190,91 @@ impl Store {
             ..Default::default()
         };
         s.by_name.insert("consul".into(), idx);
-        s.services.insert(
-            "consul".into(),
-            ServiceRow {
-                svc: consul,
-                catalog_only: true,
-            },
-        );
+        s.put_service(ServiceRow {
+            svc: consul,
+            catalog_only: true,
+        });
         let node_name = s.node.name.clone();
-        s.checks.insert(
-            "serfHealth".into(),
-            CheckRow {
-                hc: HealthCheck {
-                    node: node_name,
-                    check_id: "serfHealth".into(),
-                    name: "Serf Health Status".into(),
-                    status: PASSING.into(),
-                    output: "Agent alive and reachable".into(),
-                    definition: json!({}),
-                    create_index: idx,
-                    modify_index: idx,
-                    ..Default::default()
-                },
-                probe: Probe::Static,
-                generation: 0,
-                runner: None,
-                ttl_deadline: None,
-                critical_since: None,
-                deregister_after: None,
-                output_max: DEFAULT_OUTPUT_MAX,
-            },
-        );
+        s.put_check(CheckRow::fixed(HealthCheck {
+            node: node_name,
+            check_id: "serfHealth".into(),
+            name: "Serf Health Status".into(),
+            status: PASSING.into(),
+            output: "Agent alive and reachable".into(),
+            definition: json!({}),
+            create_index: idx,
+            modify_index: idx,
+            ..Default::default()
+        }));
+        s.dirty = Dirty::default();
         s
+    }
+
+    /// Stores a service row under its ID, keeping `instances` in step (a re-registration
+    /// may rename the service).
+    fn put_service(&mut self, row: ServiceRow) {
+        let id = row.svc.id.clone();
+        let name = row.svc.service.clone();
+        if let Some(old) = self.services.insert(id.clone(), row) {
+            if old.svc.service != name {
+                self.unlist_instance(&old.svc.service, &id);
+            }
+        }
+        self.instances.entry(name).or_default().insert(id);
+    }
+
+    fn unlist_instance(&mut self, name: &str, id: &str) {
+        unlist(&mut self.instances, name, id);
+    }
+
+    /// Stores a check row under its ID, keeping `checks_of` in step. When the ID belonged to
+    /// another owner, returns that owner's service name (`""` for the node), whose readers
+    /// see the check go.
+    fn put_check(&mut self, row: CheckRow) -> Option<String> {
+        let id = row.hc.check_id.clone();
+        let owner = row.hc.service_id.clone();
+        let mut moved = None;
+        if let Some(old) = self.checks.insert(id.clone(), row) {
+            if old.hc.service_id != owner {
+                self.unlist_check(&old.hc.service_id, &id);
+                moved = Some(old.hc.service_name);
+            }
+        }
+        self.checks_of.entry(owner).or_default().insert(id);
+        moved
+    }
+
+    /// Records a change at `idx` for the readers of a check's former owner (see `put_check`).
+    fn touch_moved(&mut self, moved: Option<String>, idx: u64) {
+        if let Some(old) = moved {
+            let old = (!old.is_empty()).then_some(old);
+            self.touch(old.as_deref(), false, true, idx);
+        }
+    }
+
+    fn take_check(&mut self, id: &str) -> Option<CheckRow> {
+        let row = self.checks.remove(id)?;
+        self.unlist_check(&row.hc.service_id, id);
+        Some(row)
+    }
+
+    fn unlist_check(&mut self, owner: &str, id: &str) {
+        unlist(&mut self.checks_of, owner, id);
+    }
+
+    /// The instances of service `name`, by ID.
+    pub fn instances_of<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ServiceRow> + 'a {
+        listed(&self.instances, &self.services, name)
+    }
+
+    /// The checks of service instance `service_id` (node-level ones for `""`), by check ID.
+    pub fn checks_of<'a>(&'a self, service_id: &str) -> impl Iterator<Item = &'a CheckRow> + 'a {
+        listed(&self.checks_of, &self.checks, service_id)
+    }
+
+    /// What changed since the last call; `Shared::notify` wakes the watchers of exactly that.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
     }
 
     fn next_index(&mut self) -> u64 {
@@ -208,8 +303,15 @@ impl Store {
         match service_name {
             Some(name) => {
                 self.by_name.insert(name.to_string(), idx);
+                if !self.dirty.all {
+                    self.dirty.names.insert(name.to_string());
+                }
             }
-            None => self.node_checks = idx,
+            None => {
+                self.node_checks = idx;
+                self.dirty.all = true;
+                self.dirty.names.clear();
+            }
         }
     }
 
@@ -232,16 +334,21 @@ impl Store {
     }
 
     /// Index of a `health/service` or `catalog/service` read: the newest change to that
-    /// service's rows (node checks included), or the services table when it has none.
+    /// service's rows (node checks included). For a service with no instances, the change
+    /// that removed the last one (the agent's first index if it never had any): Consul falls
+    /// back to the services table there, which moves with every other service, but then a
+    /// read's answer would change without a change to what it can see, and only changes to
+    /// the service wake its watchers.
     pub fn service_index(&self, name: &str) -> u64 {
-        if self.services.values().any(|r| r.svc.service == name) {
-            self.by_name
-                .get(name)
-                .copied()
-                .unwrap_or(self.services_table)
-                .max(self.node_checks)
+        let own = self
+            .by_name
+            .get(name)
+            .copied()
+            .unwrap_or(self.node_create_index);
+        if self.instances.contains_key(name) {
+            own.max(self.node_checks)
         } else {
-            self.services_table
+            own
         }
     }
 
@@ -284,13 +391,10 @@ impl Store {
             let i = idx(self);
             svc.create_index = existing_create.unwrap_or(i);
             svc.modify_index = i;
-            self.services.insert(
-                id.clone(),
-                ServiceRow {
-                    svc,
-                    catalog_only: false,
-                },
-            );
+            self.put_service(ServiceRow {
+                svc,
+                catalog_only: false,
+            });
             changed_service = true;
         }
         let tags = self
@@ -319,23 +423,20 @@ impl Store {
             let service = (id.clone(), name.clone(), tags.clone());
             let row = self.check_row(&def, &probe, deregister_after, service, i);
             let generation = row.generation;
-            self.checks.insert(def.id.clone(), row);
+            let moved = self.put_check(row);
+            self.touch_moved(moved, i);
             new_runners.push((def.id.clone(), generation, probe));
             changed_checks = true;
         }
         if replace_existing_checks {
             let stale: Vec<String> = self
-                .checks
-                .iter()
-                .filter(|(cid, c)| {
-                    c.hc.service_id == id
-                        && !keep.contains(cid)
-                        && !cid.starts_with(crate::wire::SERVICE_MAINTENANCE_PREFIX)
-                })
-                .map(|(cid, _)| cid.clone())
+                .checks_of(&id)
+                .map(|c| &c.hc.check_id)
+                .filter(|cid| !keep.contains(cid))
+                .cloned()
                 .collect();
             for cid in stale {
-                self.checks.remove(&cid);
+                self.take_check(&cid);
                 changed_checks = true;
             }
         }
@@ -360,7 +461,11 @@ impl Store {
         };
         let name = row.svc.service.clone();
         self.services.remove(id);
-        self.checks.retain(|_, c| c.hc.service_id != id);
+        self.unlist_instance(&name, id);
+        let checks: Vec<String> = self.checks_of(id).map(|c| c.hc.check_id.clone()).collect();
+        for cid in checks {
+            self.take_check(&cid);
+        }
         let i = self.next_index();
         self.touch(Some(&name), true, true, i);
         true
@@ -395,24 +500,11 @@ impl Store {
         }
         let i = self.next_index();
         let service = (!hc.service_name.is_empty()).then(|| hc.service_name.clone());
-        let id = hc.check_id.clone();
-        self.checks.insert(
-            id,
-            CheckRow {
-                hc: HealthCheck {
-                    create_index: i,
-                    modify_index: i,
-                    ..hc
-                },
-                probe: Probe::Static,
-                generation: 0,
-                runner: None,
-                ttl_deadline: None,
-                critical_since: None,
-                deregister_after: None,
-                output_max: DEFAULT_OUTPUT_MAX,
-            },
-        );
+        self.put_check(CheckRow::fixed(HealthCheck {
+            create_index: i,
+            modify_index: i,
+            ..hc
+        }));
         self.touch(service.as_deref(), false, true, i);
         true
     }
@@ -432,7 +524,8 @@ impl Store {
         let service = (service_id, service_name.clone(), tags);
         let row = self.check_row(&def, &probe, deregister_after, service, i);
         let generation = row.generation;
-        self.checks.insert(def.id.clone(), row);
+        let moved = self.put_check(row);
+        self.touch_moved(moved, i);
         let service = (!service_name.is_empty()).then_some(service_name);
         self.touch(service.as_deref(), false, true, i);
         Applied {
@@ -499,8 +592,10 @@ impl Store {
             ttl_deadline,
             critical_since,
             deregister_after,
+            // Consul's agent-wide `check_output_max_size` (4096 by default) is a ceiling: a
+            // check's `OutputMaxSize` can only lower it.
             output_max: if def.output_max_size > 0 {
-                def.output_max_size as usize
+                (def.output_max_size as usize).min(DEFAULT_OUTPUT_MAX)
             } else {
                 DEFAULT_OUTPUT_MAX
             },
@@ -509,7 +604,7 @@ impl Store {
 
     /// Removes a check; false if unknown.
     pub fn remove_check(&mut self, check_id: &str) -> bool {
-        let Some(row) = self.checks.remove(check_id) else {
+        let Some(row) = self.take_check(check_id) else {
             return false;
         };
         let service = (!row.hc.service_name.is_empty()).then(|| row.hc.service_name.clone());
@@ -538,13 +633,37 @@ impl Store {
 
     /// Node-level checks, then the service's checks, as Consul lists them in an entry.
     pub fn entry_checks(&self, service_id: &str) -> Vec<HealthCheck> {
-        let node = self.checks.values().filter(|c| c.hc.service_id.is_empty());
-        let svc = self
-            .checks
-            .values()
-            .filter(|c| c.hc.service_id == service_id);
-        node.chain(svc).map(|c| c.hc.clone()).collect()
+        self.checks_of("")
+            .chain(self.checks_of(service_id))
+            .map(|c| c.hc.clone())
+            .collect()
     }
+}
+
+/// A secondary index: a key (service name, service ID) to the IDs of rows in a table.
+type Listing = HashMap<String, BTreeSet<String>>;
+
+/// Removes `id` from `key`'s entry, dropping the entry when it empties.
+fn unlist(index: &mut Listing, key: &str, id: &str) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+/// The rows of `table` listed under `key`, in ID order.
+fn listed<'a, T>(
+    index: &'a Listing,
+    table: &'a BTreeMap<String, T>,
+    key: &str,
+) -> impl Iterator<Item = &'a T> + 'a {
+    index
+        .get(key)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| table.get(id))
 }
 
 /// Consul's `Proxy` object of a non-proxy service.

@@ -39,11 +39,9 @@ pub fn dev_config() -> AgentConfig {
 /// Node `test`, reaping every second with a one-second `DeregisterCriticalServiceAfter` floor.
 pub fn quick_config() -> AgentConfig {
     AgentConfig {
-        node_name: "test".into(),
-        datacenter: "dc1".into(),
-        advertise: "127.0.0.1".parse().unwrap(),
         reap_interval: Duration::from_secs(1),
         deregister_min: Duration::from_secs(1),
+        ..AgentConfig::new("test", "127.0.0.1".parse().unwrap())
     }
 }
 
@@ -177,6 +175,20 @@ impl Agent {
             Some("text/plain; charset=utf-8"),
             "errors are plain text, not JSON: {method} {path}"
         );
+    }
+}
+
+impl Agent {
+    /// Asserts a registration is refused with a 400 and exactly this text.
+    pub async fn expect_register_error(&self, body: &Value, text: &str) {
+        self.expect_error(
+            "PUT",
+            "/v1/agent/service/register",
+            &body.to_string(),
+            400,
+            text,
+        )
+        .await;
     }
 }
 
