@@ -109,7 +109,7 @@ MODE=$1
 # Outside the sandbox: find the binary, check the tools, then re-execute inside the sandbox.
 # ---------------------------------------------------------------------------------------------
 if [[ ${NETNS_CLUSTER_SANDBOX:-} != 1 ]]; then
-	for tool in unshare ip curl setsid; do
+	for tool in unshare ip curl setsid python3; do
 		if ! command -v "$tool" >/dev/null; then
 			echo "netns-cluster: cannot run here: '$tool' is not installed" >&2
 			exit 77
@@ -314,7 +314,12 @@ status_json() {
 rotation() {
 	local json
 	json=$(status_json) || return 1
-	grep -o '"id": *"[^"]*"' <<<"$json" | sed 's/.*"\([^"]*\)"$/\1/' | sort | tr '\n' ' ' | sed 's/ $//'
+	# Only the instances in rotation: /status also lists recently removed ones.
+	python3 -c '
+import json, sys
+status = json.load(sys.stdin)
+ids = [i["id"] for s in status["services"] for i in s.get("instances", [])]
+print(" ".join(sorted(ids)))' <<<"$json"
 }
 
 rotation_is() {
