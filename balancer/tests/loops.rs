@@ -21,6 +21,16 @@ async fn four_loops(backends: &[Backend], tweak: impl FnOnce(&mut balancer::Conf
     Balancer::with_static(cfg, vec![("web", instances)]).await
 }
 
+/// 30 answers split 10/10/10 over three backends.
+fn assert_even(names: &[String]) {
+    let t = tally(names.iter().map(String::as_str));
+    assert_eq!(
+        t.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{t:?}"
+    );
+}
+
 fn fast_loop_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
@@ -41,12 +51,7 @@ async fn rotation_is_exact_across_loops() {
         c.send(&get_req("/")).await;
         names.push(c.length_response().await.text());
     }
-    let t = tally(names.iter().map(String::as_str));
-    assert_eq!(
-        t.values().copied().collect::<Vec<_>>(),
-        vec![10, 10, 10],
-        "{t:?}"
-    );
+    assert_even(&names);
     assert!(fast_loop_threads() >= LOOPS, "four event loops run");
 
     let mut c = RawClient::connect(lb.addr).await;
@@ -55,12 +60,7 @@ async fn rotation_is_exact_across_loops() {
         c.send(&get_req("/")).await;
         names.push(c.length_response().await.text());
     }
-    let t = tally(names.iter().map(String::as_str));
-    assert_eq!(
-        t.values().copied().collect::<Vec<_>>(),
-        vec![10, 10, 10],
-        "{t:?}"
-    );
+    assert_even(&names);
     lb.stop().await;
 }
 
