@@ -11,7 +11,9 @@ const MAX_LINE: usize = 4096;
 enum State {
     /// Hex digits of a chunk size.
     Size,
-    /// After the size: optional whitespace and `;extensions` up to the CR.
+    /// After the size digits: only whitespace so far, then `;` or the CR.
+    SizeWs,
+    /// Inside `;extensions`, up to the CR.
     Ext,
     /// The LF ending the size line.
     SizeLf,
@@ -25,6 +27,8 @@ enum State {
     TrailerStart,
     /// Inside a trailer field line.
     Trailer,
+    /// The LF ending a trailer field line.
+    TrailerLf,
     /// The LF of the final empty line.
     EndLf,
     Done,
@@ -96,9 +100,9 @@ impl ChunkedEnd {
                         State::Size
                     }
                     None if self.digits == 0 => return Err(Malformed("missing chunk size")),
-                    None => self.after_size(b)?,
+                    None => self.after_size(State::SizeWs, b)?,
                 },
-                State::Ext => self.after_size(b)?,
+                state @ (State::SizeWs | State::Ext) => self.after_size(state, b)?,
                 State::SizeLf => {
                     if b != b'\n' {
                         return Err(Malformed("expected LF after chunk size"));
@@ -122,14 +126,15 @@ impl ChunkedEnd {
                 },
                 State::TrailerStart => match b {
                     b'\r' => State::EndLf,
-                    b'\n' => State::Done,
+                    b'\n' => return Err(Malformed("bare LF ending the trailers")),
                     _ => {
                         self.line = 1;
                         State::Trailer
                     }
                 },
                 State::Trailer => match b {
-                    b'\n' => State::TrailerStart,
+                    b'\r' => State::TrailerLf,
+                    b'\n' => return Err(Malformed("bare LF in a trailer line")),
                     _ => {
                         self.line += 1;
                         if self.line > MAX_LINE {
@@ -137,6 +142,10 @@ impl ChunkedEnd {
                         }
                         State::Trailer
                     }
+                },
+                State::TrailerLf => match b {
+                    b'\n' => State::TrailerStart,
+                    _ => return Err(Malformed("CR without LF in a trailer line")),
                 },
                 State::EndLf => match b {
                     b'\n' => State::Done,
@@ -149,15 +158,24 @@ impl ChunkedEnd {
         Ok((self.state == State::Done).then_some(i))
     }
 
-    /// A byte after the size digits: extensions up to CR LF.
-    fn after_size(&mut self, b: u8) -> Result<State, Malformed> {
+    /// A byte after the size digits, in `state` (RFC 9112 §7.1: `chunk-size [ chunk-ext ]
+    /// CRLF`, extensions starting with `;` after optional whitespace). Anything else after
+    /// the digits (`0x5`, `5g`) is malformed: a reader that takes it for part of the size
+    /// would see another body than the one the balancer framed.
+    fn after_size(&mut self, state: State, b: u8) -> Result<State, Malformed> {
         self.line += 1;
         if self.line > MAX_LINE {
             return Err(Malformed("chunk extension too long"));
         }
-        Ok(match b {
-            b'\r' => State::SizeLf,
-            b'\n' => return Err(Malformed("bare LF in chunk size line")),
+        Ok(match (state, b) {
+            (_, b'\r') => State::SizeLf,
+            (_, b'\n') => return Err(Malformed("bare LF in chunk size line")),
+            (State::SizeWs, b' ' | b'\t') => State::SizeWs,
+            (State::SizeWs, b';') => State::Ext,
+            (State::SizeWs, _) => return Err(Malformed("junk after the chunk size")),
+            (_, b) if b != b'\t' && (b < 0x20 || b == 0x7f) => {
+                return Err(Malformed("control byte in a chunk extension"))
+            }
             _ => State::Ext,
         })
     }
@@ -227,6 +245,19 @@ mod tests {
         assert!(end_of(b"2\nab\r\n").is_err());
         assert!(end_of(b"11111111111111111\r\n").is_err());
         assert!(end_of(b"0\r\n\rx").is_err());
+        // Junk after the size digits is not an extension.
+        assert!(end_of(b"0x5\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(end_of(b"5g\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(end_of(b"5;a\x01\r\nhello\r\n0\r\n\r\n").is_err());
+        // Trailer lines and the final empty line end in CRLF.
+        assert!(end_of(b"0\r\nx: y\n\r\n").is_err());
+        assert!(end_of(b"0\r\n\n").is_err());
+    }
+
+    #[test]
+    fn extensions_after_optional_whitespace() {
+        let body = b"5 ;a=1\r\nhello\r\n5\t;b\r\nworld\r\n0;last\r\n\r\n";
+        assert_eq!(end_of(body), Ok(Some(body.len())));
     }
 
     #[test]

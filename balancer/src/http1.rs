@@ -362,6 +362,13 @@ pub(crate) fn parse_response(
     if framing == Framing::Close {
         keep_alive = false;
     }
+    // A response readers can frame two ways (a length beside a coding, `chunked` twice, a
+    // coding in HTTP/1.0: RFC 9112 §6.1, §6.3) is relayed as framed here, but its connection
+    // carries nothing more: an instance that meant the other framing is out of step on it.
+    let c = &facts.codings;
+    if transfer_encoding && (length.is_some() || c.lines > 1 || c.chunked_early || version == 0) {
+        keep_alive = false;
+    }
     let names = facts.names();
 
     out.clear();

@@ -498,6 +498,25 @@ impl Attempts {
     }
 }
 
+/// Whether an instance's response has one reading of its body that hyper's client shares:
+/// no `Transfer-Encoding`, or exactly one line that says `chunked` and nothing else, without
+/// a `Content-Length` beside it and not in HTTP/1.0. (hyper frames `chunked,` or a length
+/// beside a coding its own way, and drops codings before `chunked` that the client would
+/// then never learn of.) The fast path relays such responses byte for byte instead.
+fn plain_response_framing<B>(resp: &Response<B>) -> bool {
+    let h = resp.headers();
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => true,
+        (Some(v), None) => {
+            v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
+                && !h.contains_key(header::CONTENT_LENGTH)
+                && resp.version() != http::Version::HTTP_10
+        }
+        (Some(_), Some(_)) => false,
+    }
+}
+
 /// A place at `backend` for one request under `--max-conns-per-instance`: at once if one is
 /// free, else after waiting (counted as queued) up to `timeout`; `None` if none came free.
 /// Places freed anywhere (either path, any event loop) are seen within a few milliseconds.
@@ -675,6 +694,14 @@ async fn forward(
                         rparts,
                         ProxyBody::Local(Full::default()),
                     ));
+                }
+                if !plain_response_framing(&resp) {
+                    // hyper has already framed it one way; a reader could frame it another.
+                    // Dropping the response closes its connection.
+                    backend.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %service.name, instance = %backend.instance.id, "response with an ambiguous or unsupported Transfer-Encoding; answered 502");
+                    last_error = Some(format!("{}: ambiguous response framing", backend.authority));
+                    break;
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());

@@ -685,11 +685,24 @@ impl Engine {
             let Some(relay) = x.relay.as_mut() else {
                 return Some(Step::Close);
             };
-            let (take, complete, broken) = match relay.end.feed(c.ubuf.bytes()) {
-                Ok((take, complete)) => (take, complete, false),
+            let (take, complete) = match relay.end.feed(c.ubuf.bytes()) {
+                Ok(fed) => fed,
                 Err(e) => {
-                    tracing::debug!(error = %e, "bad response body framing");
-                    (c.ubuf.len(), false, true)
+                    // Nothing from the flaw on is passed on: a client that reads the broken
+                    // framing another way must not find a response it did not ask for in it.
+                    let head_sent = relay.head_sent;
+                    let Some(backend) = x.backend().cloned() else {
+                        return Some(Step::Close);
+                    };
+                    backend.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %x.service.name, instance = %backend.instance.id, error = %e, "malformed response body");
+                    if head_sent {
+                        // The client has part of the answer: it can only see it cut off.
+                        return Some(Step::Close);
+                    }
+                    x.note_failure(&backend, e);
+                    let e = x.all_failed();
+                    return self.fail(c, &e);
                 }
             };
             if complete && take < c.ubuf.len() {
@@ -726,7 +739,7 @@ impl Engine {
                 c.state = State::Drain { close };
                 return None;
             }
-            if broken || sent.is_err() {
+            if sent.is_err() {
                 return Some(Step::Close);
             }
             if c.out.pending() {
