@@ -17,8 +17,12 @@
 //!
 //! Runs are deterministic (a fixed seed; `DESYNC_SEED=<u64>` explores others) and persist
 //! nothing. A failure prints the exact bytes sent, what the instance received and what the
-//! client got. Findings that still fail are kept as named tests at the end, ignored until
-//! fixed.
+//! client got; `DESYNC_TRACE=1` prints every case, and `DESYNC_SURVEY=1` reports every
+//! failing case and goes on (to see all kinds of failure of a change at once).
+//!
+//! Findings that still fail are kept as named tests at the end, ignored until fixed; until
+//! then [`AVOID_KNOWN_BUGS`] makes the properties steer clear of them (each place says
+//! which), and the tallies printed at the end count the cases let pass that way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -26,7 +30,7 @@ mod common;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -36,8 +40,9 @@ use proptest::test_runner::{Config as RunConfig, RngSeed, TestCaseError, TestRun
 use common::raw::*;
 use common::*;
 
-/// Request cases per run.
-const REQUEST_CASES: u32 = 10_000;
+/// Request cases per run, and response cases.
+const REQUEST_CASES: u32 = 8_000;
+const RESPONSE_CASES: u32 = 4_000;
 /// The seed of a run unless `DESYNC_SEED` says otherwise.
 const DEFAULT_SEED: u64 = 0x11_7de5;
 /// How long one case may take before it counts as a hang (a framing disagreement usually
@@ -803,10 +808,16 @@ fn chunk_ext_ok(mut s: &[u8]) -> bool {
 }
 
 /// A chunked body at `pos`: its content and where it ends; `Ok(None)` while incomplete.
-fn read_chunked(b: &[u8], mut pos: usize) -> Result<Option<(Vec<u8>, usize)>, String> {
+/// `lenient`: a bare LF ends a line too, and trailer lines are skipped unread.
+fn read_chunked(
+    b: &[u8],
+    mut pos: usize,
+    lenient: bool,
+) -> Result<Option<(Vec<u8>, usize)>, String> {
+    let lf = lenient;
     let mut data = Vec::new();
     loop {
-        let Some((line, next)) = line_at(b, pos, false)? else {
+        let Some((line, next)) = line_at(b, pos, lf)? else {
             return Ok(None);
         };
         let digits = line.iter().take_while(|c| c.is_ascii_hexdigit()).count();
@@ -822,7 +833,7 @@ fn read_chunked(b: &[u8], mut pos: usize) -> Result<Option<(Vec<u8>, usize)>, St
         if size == 0 {
             // The trailer section: field lines, then an empty line.
             loop {
-                let Some((line, next)) = line_at(b, pos, false)? else {
+                let Some((line, next)) = line_at(b, pos, lf)? else {
                     return Ok(None);
                 };
                 pos = next;
@@ -830,7 +841,7 @@ fn read_chunked(b: &[u8], mut pos: usize) -> Result<Option<(Vec<u8>, usize)>, St
                     return Ok(Some((data, pos)));
                 }
                 let colon = line.iter().position(|&c| c == b':');
-                if !colon.is_some_and(|c| is_token(&line[..c])) {
+                if !lenient && !colon.is_some_and(|c| is_token(&line[..c])) {
                     return Err("bad trailer line".into());
                 }
             }
@@ -977,7 +988,7 @@ fn strict_request(b: &[u8], pos: usize) -> Result<Option<(Expected, usize)>, Str
         if let Some(c) = codings.iter().find(|c| !is_token(c.as_bytes())) {
             return Err(format!("transfer coding {c:?}"));
         }
-        match read_chunked(b, body_start)? {
+        match read_chunked(b, body_start, false)? {
             Some(done) => done,
             None => return Ok(None),
         }
@@ -1014,7 +1025,9 @@ fn strict_request(b: &[u8], pos: usize) -> Result<Option<(Expected, usize)>, Str
 /// A response from the balancer, read by the test client.
 struct Got {
     status: u16,
+    http10: bool,
     headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 impl Got {
@@ -1025,9 +1038,13 @@ impl Got {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The balancer ends the connection after this response.
     fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        let option = |o: &str| {
+            self.header("connection")
+                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(o)))
+        };
+        option("close") || (self.http10 && !option("keep-alive"))
     }
 }
 
@@ -1117,9 +1134,12 @@ fn parse_got(b: &[u8], bodiless: bool, eof: bool) -> Result<Option<(Got, usize)>
     };
     let status = r.code.unwrap_or(0);
     let headers = header_pairs(r.headers);
-    let got = |_body: Vec<u8>| Got {
+    let http10 = r.version == Some(0);
+    let got = |body: Vec<u8>| Got {
         status,
+        http10,
         headers: headers.clone(),
+        body,
     };
     let lengths: Vec<&str> = headers
         .iter()
@@ -1141,14 +1161,23 @@ fn parse_got(b: &[u8], bodiless: bool, eof: bool) -> Result<Option<(Got, usize)>
             .filter(|t| !t.is_empty())
             .collect();
         if codings.last().is_some_and(|c| c == "chunked") {
-            return Ok(read_chunked(b, head_len)?.map(|(body, end)| (got(body), end)));
+            // Broken chunks never complete: the answer ends cut where the connection ends.
+            return Ok(read_chunked(b, head_len, true)
+                .ok()
+                .flatten()
+                .map(|(body, end)| (got(body), end)));
         }
     } else if let Some(v) = lengths.first() {
-        let n: usize = v
-            .parse()
-            .map_err(|_| format!("the balancer sent Content-Length {v:?}"))?;
-        return Ok((b.len() >= head_len + n)
-            .then(|| (got(b[head_len..head_len + n].to_vec()), head_len + n)));
+        // One value repeated in a list is that value (RFC 9110 §8.6); the hyper path passes
+        // such lists on as they came (noted in the report, not a framing disagreement).
+        let mut values = v.split(',').map(str::trim);
+        let n: usize = values
+            .next()
+            .and_then(|n| n.parse().ok())
+            .filter(|n| values.all(|m| m.parse() == Ok(*n)))
+            .ok_or_else(|| format!("the balancer sent Content-Length {v:?}"))?;
+        let end = head_len.checked_add(n).filter(|end| *end <= b.len());
+        return Ok(end.map(|end| (got(b[head_len..end].to_vec()), end)));
     }
     // Close-delimited.
     Ok(eof.then(|| (got(b[head_len..].to_vec()), b.len())))
@@ -1188,18 +1217,30 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The case running now, for the message when it hangs.
+static CURRENT: Mutex<String> = Mutex::new(String::new());
+
 /// Runs `case` within [`CASE_DEADLINE`]; an error or a hang fails the property.
 fn run_case(
     rt: &tokio::runtime::Runtime,
     case: impl std::future::Future<Output = Result<(), String>>,
 ) -> Result<(), TestCaseError> {
-    rt.block_on(async {
+    let r = rt.block_on(async {
         match tokio::time::timeout(CASE_DEADLINE, case).await {
             Ok(r) => r,
-            Err(_) => Err(format!("the case hung for {CASE_DEADLINE:?}")),
+            Err(_) => Err(format!(
+                "the case hung for {CASE_DEADLINE:?}: {}",
+                CURRENT.lock().unwrap()
+            )),
         }
-    })
-    .map_err(TestCaseError::fail)
+    });
+    match r {
+        Err(e) if std::env::var_os("DESYNC_SURVEY").is_some() => {
+            eprintln!("SURVEY: {e}");
+            Ok(())
+        }
+        r => r.map_err(TestCaseError::fail),
+    }
 }
 
 /// The instance of the request test: answers `<method> <target> <body length>`, in the
@@ -1299,10 +1340,9 @@ async fn request_case(
         r.c.shutdown_write().await;
     }
     let reading = format!("{expected:?}, then {tail:?}");
-    recent.lock().unwrap().insert(
-        tag,
-        format!("\n  sent: {}\n  strict reader: {reading}", show(&bytes)),
-    );
+    let described = format!("\n  sent: {}\n  strict reader: {reading}", show(&bytes));
+    *CURRENT.lock().unwrap() = described.clone();
+    recent.lock().unwrap().insert(tag, described);
     let context = |r: &Reader, up: &RawUpstream| {
         format!(
             "\nsent: {}\nstrict reader: {reading}\nclient got: {}\ninstance got:{}",
@@ -1478,6 +1518,613 @@ fn request_framing_holds_under_mutation() {
 }
 
 // =============================================================================================
+// Responses
+// =============================================================================================
+
+/// How the instance frames a response body before the edits.
+#[derive(Clone, Debug)]
+enum Framing {
+    Length,
+    Chunked(Chunks),
+    UntilClose,
+}
+
+/// What the instance does once it has written the response.
+#[derive(Clone, Copy, Debug)]
+enum After {
+    /// Waits for the next request on the connection.
+    KeepOpen,
+    Close,
+    /// Writes only the bytes before this point of the response, then closes.
+    Cut(Index),
+    /// Writes [`STRAY`] right behind the response, in the same write, and waits.
+    Stray,
+}
+
+/// A response nobody asked for, behind a real one.
+const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY";
+/// A response as a body: what a reader that misframes the real one would pass on as the next.
+const FAKE_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nFAKE";
+const RESPONSE_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-cache"),
+    ("X-Foo", "bar"),
+    ("Keep-Alive", "timeout=5"),
+    ("Connection", "keep-alive"),
+    ("Trailer", "X-T"),
+];
+
+/// A response as the instance writes it, and the request that gets it.
+#[derive(Clone)]
+struct Resp {
+    /// A `100 Continue` first.
+    interim: bool,
+    version: &'static str,
+    status: u16,
+    /// `None`: no reason phrase, and no space before it.
+    reason: Option<&'static str>,
+    lines: Vec<Line>,
+    body: Vec<u8>,
+    after: After,
+    /// The client's requests go the hyper path (an `Expect` hands the connection over).
+    via_hyper: bool,
+    edits: Vec<Edit>,
+}
+
+impl Resp {
+    /// The whole response.
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.interim {
+            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let reason = self.reason.map_or(String::new(), |r| format!(" {r}"));
+        out.extend_from_slice(format!("{} {}{reason}\r\n", self.version, self.status).as_bytes());
+        for l in &self.lines {
+            l.render(&mut out);
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// What the instance writes.
+    fn written(&self) -> Vec<u8> {
+        let mut w = self.bytes();
+        match self.after {
+            After::Cut(i) => w.truncate(i.index(w.len())),
+            After::Stray => w.extend_from_slice(STRAY),
+            After::KeepOpen | After::Close => {}
+        }
+        w
+    }
+
+    /// A request for it (`tag` in the path) in the form that takes the path it tests.
+    fn request(&self, path: &str) -> Vec<u8> {
+        let expect = if self.via_hyper {
+            "Expect: 100-continue\r\n"
+        } else {
+            ""
+        };
+        format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n{expect}\r\n").into_bytes()
+    }
+}
+
+impl fmt::Debug for Resp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Resp {{ written: {}, after: {:?}, via_hyper: {}, edits: {:?} }}",
+            show(&self.written()),
+            self.after,
+            self.via_hyper,
+            self.edits
+        )
+    }
+}
+
+fn response() -> impl Strategy<Value = Resp> {
+    let status = prop_oneof![
+        12 => Just(200u16),
+        1 => Just(201),
+        1 => Just(203),
+        1 => Just(299),
+        1 => Just(404),
+        1 => Just(500),
+        2 => Just(204),
+        2 => Just(304),
+        1 => Just(101),
+    ];
+    let reason = prop_oneof![
+        6 => Just(Some("OK")),
+        1 => Just(Some("")),
+        1 => Just(Some("Odd Reason Phrase")),
+        1 => Just(None),
+    ];
+    let version = prop_oneof![9 => Just("HTTP/1.1"), 1 => Just("HTTP/1.0")];
+    let framing = prop_oneof![
+        4 => Just(Framing::Length),
+        3 => chunks().prop_map(Framing::Chunked),
+        1 => Just(Framing::UntilClose),
+    ];
+    let content = prop_oneof![
+        8 => prop::collection::vec(prop::sample::select(b"abcxyz0189\r\n :;".to_vec()), 0..24),
+        3 => Just(FAKE_RESPONSE.to_vec()),
+        2 => Just(Vec::new()),
+        1 => (20_000..70_000usize).prop_map(|n| vec![b'r'; n]),
+    ];
+    let after = prop_oneof![
+        8 => Just(After::KeepOpen),
+        1 => Just(After::Close),
+        2 => any::<Index>().prop_map(After::Cut),
+        2 => Just(After::Stray),
+    ];
+    let extras = prop::collection::vec(prop::sample::select(RESPONSE_HEADERS), 0..3);
+    let edits = prop::collection::vec(edit(), 0..4);
+    (
+        (status, reason, version, framing, content),
+        (
+            after,
+            extras,
+            edits,
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.2),
+        ),
+    )
+        .prop_map(
+            |(
+                (status, reason, version, framing, content),
+                (after, extras, edits, interim, via_hyper),
+            )| {
+                let (framing, via_hyper) = if AVOID_KNOWN_BUGS {
+                    avoid_known_response_bugs(framing, via_hyper, status)
+                } else {
+                    (framing, via_hyper)
+                };
+                let mut lines = vec![Line::new("Server", "raw")];
+                let bodiless = matches!(status, 204 | 304);
+                let body = match framing {
+                    _ if bodiless => Vec::new(),
+                    Framing::Length => {
+                        lines.push(Line::new("Content-Length", &content.len().to_string()));
+                        content
+                    }
+                    Framing::Chunked(chunks) => {
+                        lines.push(Line::new("Transfer-Encoding", "chunked"));
+                        chunks.encode(&content)
+                    }
+                    Framing::UntilClose => content,
+                };
+                for (n, v) in extras {
+                    lines.push(Line::new(n, v));
+                }
+                apply(&mut lines, &edits, body.len());
+                Resp {
+                    interim,
+                    version,
+                    status,
+                    reason,
+                    lines,
+                    body,
+                    after,
+                    via_hyper,
+                    edits,
+                }
+            },
+        )
+}
+
+/// Steers clear of a known bug kept as an ignored test at the end of this file: a 101
+/// through the hyper path ([`unrequested_protocol_switch_is_a_bad_gateway`]).
+fn avoid_known_response_bugs(framing: Framing, via_hyper: bool, status: u16) -> (Framing, bool) {
+    (framing, via_hyper && status != 101)
+}
+
+/// A response as a proxy reads it (RFC 9112 §6.3, with the leeway §2.2, §5.1 and §5.2 give
+/// a proxy reading responses), from the bytes the instance writes before it closes.
+#[derive(Debug, Default)]
+struct Verdict {
+    status: u16,
+    body: Vec<u8>,
+    /// Why no reader can pass it on: the balancer must answer 502.
+    must_fail: Option<String>,
+    /// The body ends before its framing says it does (or its chunks are broken): the
+    /// client can only get a cut answer.
+    cut: bool,
+    /// Its body ends where the instance closes.
+    until_close: bool,
+    /// Readers may frame it two ways: its connection must not carry another response.
+    ambiguous: Option<&'static str>,
+    /// Bytes came after its end: the connection is out of step.
+    extra: bool,
+    /// It needed a reader's leeway, or is one a careful proxy may refuse: a 502 is fine.
+    leeway: bool,
+    /// A `Transfer-Encoding` list with an empty element (`chunked,`), which RFC 9110 §5.6.1
+    /// says to skip.
+    odd_coding: bool,
+    /// Chunked, and not strictly so: a flaw in or after the chunk lines.
+    chunk_flaw: bool,
+}
+
+fn read_response(w: &[u8]) -> Verdict {
+    let mut v = Verdict::default();
+    let mut pos = 0;
+    let head = loop {
+        let head = match read_head(w, pos, true) {
+            Err(why) => {
+                v.must_fail = Some(why);
+                return v;
+            }
+            Ok(None) => {
+                v.must_fail = Some("the head is cut".into());
+                v.cut = true;
+                return v;
+            }
+            Ok(Some(head)) => head,
+        };
+        let Some(status) = status_of(&head.start) else {
+            v.must_fail = Some(format!("status line {:?}", head.start));
+            return v;
+        };
+        v.leeway |= head.leeway || !head.start[9..].contains(' ');
+        match status {
+            101 => {
+                v.must_fail = Some("a protocol switch nobody asked for".into());
+                return v;
+            }
+            100..=199 => pos = head.end,
+            _ => {
+                v.status = status;
+                break head;
+            }
+        }
+    };
+    let http10 = head.start.starts_with("HTTP/1.0");
+    let rest = &w[head.end..];
+    if matches!(v.status, 204 | 304) {
+        // Never a body, whatever the headers say (RFC 9112 §6.3, first rule): nothing for
+        // readers to take two ways, though a careful proxy may refuse odd headers.
+        v.leeway |= content_length(&head).is_err()
+            || head.has("transfer-encoding")
+            || head.list("content-length").len() > 1;
+        v.extra = !rest.is_empty();
+        return v;
+    }
+    if head.has("transfer-encoding") {
+        // Transfer-Encoding overrides Content-Length, valid or not (RFC 9112 §6.3).
+        let codings = head.list("transfer-encoding");
+        let is_chunked = |c: &String| c.eq_ignore_ascii_case("chunked");
+        v.odd_coding = head
+            .all("transfer-encoding")
+            .any(|t| t.split(',').any(|e| e.trim_matches([' ', '\t']).is_empty()));
+        if http10 {
+            v.ambiguous = Some("Transfer-Encoding in HTTP/1.0");
+        } else if head.has("content-length") {
+            v.ambiguous = Some("Content-Length beside Transfer-Encoding");
+        } else if codings.iter().filter(|c| is_chunked(c)).count() > 1 {
+            v.ambiguous = Some("chunked twice");
+        } else if codings.is_empty() {
+            v.ambiguous = Some("an empty Transfer-Encoding");
+        }
+        if !codings.last().is_some_and(is_chunked) {
+            v.until_close = true;
+            v.body = rest.to_vec();
+            return v;
+        }
+        let strict = read_chunked(w, head.end, false);
+        v.chunk_flaw = !matches!(strict, Ok(Some(_)));
+        match read_chunked(w, head.end, true) {
+            Ok(Some((body, end))) => {
+                v.leeway |= !matches!(strict, Ok(Some(_)));
+                v.body = body;
+                v.extra = end < w.len();
+            }
+            Ok(None) | Err(_) => v.cut = true,
+        }
+        return v;
+    }
+    let length = match content_length(&head) {
+        Ok(l) => l,
+        Err(why) => {
+            v.must_fail = Some(why);
+            return v;
+        }
+    };
+    v.leeway |= head.all("content-length").count() > 1 || head.list("content-length").len() > 1;
+    match length {
+        Some(n) if (rest.len() as u64) < n => v.cut = true,
+        Some(n) => {
+            v.body = rest[..n as usize].to_vec();
+            v.extra = rest.len() as u64 > n;
+        }
+        None => {
+            v.until_close = true;
+            v.body = rest.to_vec();
+        }
+    }
+    v
+}
+
+/// The status code of a status line, `HTTP/1.x NNN[ reason]`.
+fn status_of(line: &str) -> Option<u16> {
+    let rest = line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| line.strip_prefix("HTTP/1.0 "))?;
+    let code = rest.get(..3)?;
+    if !code.bytes().all(|c| c.is_ascii_digit()) || !(rest.len() == 3 || rest[3..].starts_with(' '))
+    {
+        return None;
+    }
+    code.parse().ok()
+}
+
+/// The response test's script: what the instance writes for each `/resp-N` path, and
+/// whether it closes after.
+type Scripts = Mutex<HashMap<String, (Vec<u8>, bool)>>;
+
+/// The instance of the response test: the scripted response for a `/resp-N` path, and for
+/// any other an echo naming the connection it came on.
+fn scripted(table: Arc<Scripts>) -> impl Fn(&RawRequest) -> Vec<Step> {
+    move |req| {
+        if let Some((bytes, close)) = table.lock().unwrap().get(&req.path).cloned() {
+            let mut steps = vec![Step::Write(bytes)];
+            if close {
+                steps.push(Step::Close);
+            }
+            return steps;
+        }
+        let text = format!("{} {} conn={}", req.method, req.path, req.conn);
+        vec![Step::Write(ok_with(text))]
+    }
+}
+
+/// What the response property saw, over all cases.
+#[derive(Default, Debug)]
+struct ResponseTally {
+    cases: u64,
+    /// Passed on whole.
+    whole: u64,
+    /// Passed on cut, as the instance cut it.
+    cut: u64,
+    /// Answered 502.
+    bad_gateway: u64,
+    /// Responses whose connection must not be reused, and after which the next request
+    /// indeed went on another connection.
+    not_reused: u64,
+    /// Responses passed on with the connection reused after them.
+    reused: u64,
+    /// Known bugs let pass: reuse after an ambiguous response, and the hyper path's framing
+    /// of ambiguous responses.
+    known_reuse: u64,
+    known_hyper_framing: u64,
+    known_chunk_misread: u64,
+}
+
+/// One response case: the client asks for `/resp-N`, the instance answers with `resp`, and
+/// the client asks again.
+async fn response_case(
+    lb: &Balancer,
+    up: &RawUpstream,
+    table: &Scripts,
+    tag: u64,
+    resp: &Resp,
+    tally: &Mutex<ResponseTally>,
+) -> Result<(), String> {
+    let written = resp.written();
+    let v = read_response(&written);
+    // The hyper path's own reading of odd codings may wait for the close.
+    let hyper_misframes =
+        AVOID_KNOWN_BUGS && resp.via_hyper && (v.ambiguous.is_some() || v.odd_coding);
+    let closes = matches!(resp.after, After::Close | After::Cut(_))
+        || v.until_close
+        || v.cut
+        || hyper_misframes;
+    let path = format!("/resp-{tag:06}");
+    table
+        .lock()
+        .unwrap()
+        .insert(path.clone(), (written.clone(), closes));
+    *CURRENT.lock().unwrap() = format!("{resp:?}\n  {v:?}");
+    if trace() {
+        eprintln!("case {tag}: {resp:?}\n  {v:?}");
+    }
+    let before = up.requests() as usize;
+    let mut r = Reader::connect(lb).await;
+    r.c.send(&resp.request(&path)).await;
+    let context = |r: &Reader, up: &RawUpstream| {
+        format!(
+            "\ninstance wrote: {}{}\nreader: {v:?}\nclient (via {}) got: {}\ninstance got:{}",
+            show(&written),
+            if closes { " and closed" } else { "" },
+            if resp.via_hyper {
+                "hyper"
+            } else {
+                "the fast path"
+            },
+            r.received(),
+            describe_log(&up.log_since(before))
+        )
+    };
+    // The fast path misreads flawed chunk lines: it takes junk after a chunk size for an
+    // extension ([`chunk_size_junk_is_not_a_last_chunk`]), and passes on everything it
+    // holds once it finds a flaw ([`broken_chunks_pass_nothing_past_the_break`]). What the
+    // client gets then is not judged here, and its connection not used again.
+    let fast_misreads = AVOID_KNOWN_BUGS && !resp.via_hyper && v.chunk_flaw;
+    let answer = if fast_misreads {
+        tally.lock().unwrap().known_chunk_misread += 1;
+        tokio::time::timeout(Duration::from_millis(150), r.next(false))
+            .await
+            .unwrap_or(Ok(Next::Ended(Vec::new())))?
+    } else {
+        r.next(false).await?
+    };
+    let mut same_connection = false;
+    let mut bad_gateway = false;
+    match &answer {
+        _ if fast_misreads => {}
+        Next::Response(g) if g.status == 502 => {
+            let allowed =
+                v.must_fail.is_some() || v.cut || v.leeway || v.ambiguous.is_some() || v.extra;
+            if !allowed {
+                return Err(format!("a valid response answered 502{}", context(&r, up)));
+            }
+            bad_gateway = true;
+            same_connection = !g.closes();
+        }
+        // The hyper path frames `Content-Length` beside `Transfer-Encoding`, and codings
+        // with an empty list element, otherwise than RFC 9112 §6.3 and the fast path do
+        // ([`hyper_path_frames_responses_like_the_fast_path`]).
+        _ if hyper_misframes => tally.lock().unwrap().known_hyper_framing += 1,
+        Next::Response(g) => {
+            if let Some(why) = &v.must_fail {
+                return Err(format!(
+                    "passed on a response that must be refused ({why}){}",
+                    context(&r, up)
+                ));
+            }
+            if v.cut {
+                return Err(format!(
+                    "a cut response passed on as whole{}",
+                    context(&r, up)
+                ));
+            }
+            if g.status != v.status || g.body != v.body {
+                return Err(format!(
+                    "the response changed on the way: status {} and body {}{}",
+                    g.status,
+                    show(&g.body),
+                    context(&r, up)
+                ));
+            }
+            same_connection = !g.closes();
+        }
+        // A body broken before any of it went on: the hyper path drops the connection
+        // without an answer (a 502 would be kinder; either way nothing is misread).
+        Next::Ended(rest) if rest.is_empty() && (v.cut || v.leeway) && resp.via_hyper => {}
+        // Cut where the instance cut it, or where a strict reader stops (leeway).
+        Next::Ended(rest) => {
+            if rest.is_empty() || v.must_fail.is_some() || !(v.cut || v.leeway) {
+                return Err(format!(
+                    "the connection ended without a whole answer{}",
+                    context(&r, up)
+                ));
+            }
+            let head_status = status_of(&String::from_utf8_lossy(
+                &rest[..rest.iter().position(|c| *c == b'\r').unwrap_or(0)],
+            ));
+            if head_status != Some(v.status) {
+                return Err(format!(
+                    "a cut answer with another status{}",
+                    context(&r, up)
+                ));
+            }
+        }
+    }
+    // The next request: on the same client connection when it is still open.
+    let after = format!("/after-{tag:06}");
+    let mut next = if same_connection {
+        r
+    } else {
+        Reader::connect(lb).await
+    };
+    next.c.send(&resp.request(&after)).await;
+    let mut answer_after = next.next(false).await?;
+    if v.leeway && same_connection && matches!(&answer_after, Next::Ended(rest) if rest.is_empty())
+    {
+        // A response only a lenient reader takes whole may end the connection after it.
+        next = Reader::connect(lb).await;
+        next.c.send(&resp.request(&after)).await;
+        answer_after = next.next(false).await?;
+    }
+    let echo = match answer_after {
+        Next::Response(g) if g.status == 200 => String::from_utf8_lossy(&g.body).into_owned(),
+        _ => {
+            return Err(format!(
+                "the next request got no answer of its own: {}{}",
+                next.received(),
+                context(&next, up)
+            ))
+        }
+    };
+    let Some(conn) = echo
+        .strip_prefix(&format!("GET {after} conn="))
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
+        return Err(format!(
+            "the next request got someone else's answer: {echo:?}{}",
+            context(&next, up)
+        ));
+    };
+    let log = up.log_since(before);
+    let used: Vec<u64> = log
+        .iter()
+        .filter(|g| g.path == path)
+        .map(|g| g.conn)
+        .collect();
+    let out_of_step = v.extra || v.must_fail.is_some() || v.cut || bad_gateway;
+    // The fast path reuses a connection after an ambiguous response
+    // ([`ambiguous_response_retires_its_connection`]).
+    let known_reuse = AVOID_KNOWN_BUGS && !out_of_step && v.ambiguous.is_some() || fast_misreads;
+    let must_not_reuse = !fast_misreads && (out_of_step || (v.ambiguous.is_some() && !known_reuse));
+    if must_not_reuse && used.contains(&conn) {
+        return Err(format!(
+            "the next request went on connection {conn}, which carried a response that leaves it out of step ({}){}",
+            v.ambiguous.unwrap_or(if v.extra { "bytes after the response" } else { "a failed response" }),
+            context(&next, up)
+        ));
+    }
+    let mut t = tally.lock().unwrap();
+    t.cases += 1;
+    match answer {
+        Next::Response(_) if bad_gateway => t.bad_gateway += 1,
+        Next::Response(_) => t.whole += 1,
+        Next::Ended(_) => t.cut += 1,
+    }
+    if must_not_reuse {
+        t.not_reused += 1;
+    } else if known_reuse && used.contains(&conn) {
+        t.known_reuse += 1;
+    } else if used.contains(&conn) {
+        t.reused += 1;
+    }
+    Ok(())
+}
+
+/// Responses, mutated: the client gets each whole, cut where the instance cut it, or a
+/// 502; its next request gets its own answer, never over a connection left out of step.
+#[test]
+fn response_framing_holds_under_mutation() {
+    let rt = runtime();
+    let table = Arc::new(Mutex::new(HashMap::new()));
+    let (up, lb) = rt.block_on(async {
+        let up = RawUpstream::start(scripted(Arc::clone(&table))).await;
+        let lb = up.balancer().await;
+        (up, lb)
+    });
+    let tally = Mutex::new(ResponseTally::default());
+    let tag = AtomicU64::new(0);
+    let started = Instant::now();
+    let result = runner(RESPONSE_CASES).run(&response(), |resp| {
+        let t = tag.fetch_add(1, Ordering::Relaxed);
+        run_case(&rt, response_case(&lb, &up, &table, t, &resp, &tally))
+    });
+    let t = tally.lock().unwrap();
+    eprintln!("response cases: {t:?} in {:?}", started.elapsed());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // Not vacuous: every outcome was seen, and pooled connections were reused.
+    assert!(t.cases >= u64::from(RESPONSE_CASES), "{t:?}");
+    assert!(t.whole > t.cases / 2, "{t:?}");
+    assert!(t.cut > 0 && t.bad_gateway > 0, "{t:?}");
+    assert!(
+        t.not_reused > t.cases / 10 && t.reused > t.cases / 10,
+        "{t:?}"
+    );
+    drop(t);
+    rt.block_on(lb.stop());
+}
+
+// =============================================================================================
 // Findings, kept until fixed (un-ignore them, and set `AVOID_KNOWN_BUGS` to false)
 // =============================================================================================
 
@@ -1542,4 +2189,169 @@ async fn absolute_form_request_gets_the_framing_rules() {
         }
     }
     assert_eq!(up.requests(), 0, "{}", describe_log(&up.log()));
+}
+
+/// An instance that answers `/odd` with `answer` (then waits `linger` and closes, when
+/// given), and any other path with `<method> <path> conn=<n>`.
+async fn odd_instance(answer: &'static [u8], linger: Option<Duration>) -> RawUpstream {
+    RawUpstream::start(move |req| {
+        if req.path != "/odd" {
+            let text = format!("{} {} conn={}", req.method, req.path, req.conn);
+            return vec![Step::Write(ok_with(text))];
+        }
+        let mut steps = vec![Step::Write(answer.to_vec())];
+        if let Some(d) = linger {
+            steps.extend([Step::Sleep(d), Step::Close]);
+        }
+        steps
+    })
+    .await
+}
+
+/// A new connection to `lb` that has sent `GET path`, through the hyper path when
+/// `via_hyper` (an `Expect` hands it over).
+async fn ask(lb: &Balancer, path: &str, via_hyper: bool) -> RawClient {
+    let expect = if via_hyper {
+        "Expect: 100-continue\r\n"
+    } else {
+        ""
+    };
+    let mut c = RawClient::connect(lb.addr).await;
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n{expect}\r\n").as_bytes())
+        .await;
+    c
+}
+
+/// The next final response on `c` (a `100 Continue` skipped).
+async fn final_response(c: &mut RawClient) -> RawResponse {
+    loop {
+        let r = c.response(false).await;
+        if r.status != 100 {
+            return r;
+        }
+    }
+}
+
+/// Reads until the balancer closes `c`, for at most `d`: whether it did.
+async fn closed_within(c: &mut RawClient, d: Duration) -> bool {
+    tokio::time::timeout(d, async { while c.fill().await {} })
+        .await
+        .is_ok()
+}
+
+/// Found by [`response_framing_holds_under_mutation`]: once the fast path finds a chunked
+/// response body malformed, it passes on everything it has read (`relay` sends the whole
+/// buffer when `feed` fails), bytes past the flaw included. A client that takes a bare LF
+/// as a line end (RFC 9112 §2.2 lets it) reads this response whole and the instance's
+/// next bytes, here a response nobody asked for, as the answer to its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the fast path passes on bytes past a chunked-body flaw"]
+async fn broken_chunks_pass_nothing_past_the_break() {
+    let up = odd_instance(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY",
+        None,
+    )
+    .await;
+    let lb = up.balancer().await;
+    let mut c = ask(&lb, "/odd", false).await;
+    closed_within(&mut c, Duration::from_secs(2)).await;
+    assert!(
+        !String::from_utf8_lossy(&c.buf).contains("STRAY"),
+        "the client got {}",
+        show(&c.buf)
+    );
+}
+
+/// Found by [`response_framing_holds_under_mutation`]: `ChunkedEnd` takes any bytes after
+/// the hex digits of a chunk size for an extension, so `0x5` reads as a last chunk `0`
+/// (and `5g` as `5`). RFC 9112 §7.1 allows only `;` extensions there; a client that reads
+/// `0x5` as five (as `strtol` does) expects data the balancer already called the end of
+/// the response, and takes the next response for it. Such a body is malformed: a 502, or
+/// a cut answer and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the fast path reads junk after a chunk size as an extension"]
+async fn chunk_size_junk_is_not_a_last_chunk() {
+    let up = odd_instance(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        None,
+    )
+    .await;
+    let lb = up.balancer().await;
+    let mut c = ask(&lb, "/odd", false).await;
+    let ended = closed_within(&mut c, Duration::from_secs(2)).await;
+    let got = String::from_utf8_lossy(&c.buf);
+    assert!(
+        got.starts_with("HTTP/1.1 502") || ended,
+        "passed on as a whole response, the connection kept: {}",
+        show(&c.buf)
+    );
+}
+
+/// Found by [`response_framing_holds_under_mutation`]: after a response with both
+/// `Transfer-Encoding` and `Content-Length` (RFC 9112 §6.3: "ought to be handled as an
+/// error"), the fast path puts the upstream connection back in the pool (the hyper path
+/// does not); an instance that meant the length is out of step with the balancer on it.
+/// (The fast path does the same after `Transfer-Encoding: chunked` twice, and after
+/// `Transfer-Encoding` in an HTTP/1.0 response with `Connection: keep-alive`.) The next
+/// request must go on another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a connection that carried an ambiguous response is reused"]
+async fn ambiguous_response_retires_its_connection() {
+    let up = odd_instance(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        None,
+    )
+    .await;
+    let lb = up.balancer().await;
+    for via_hyper in [false, true] {
+        let mut c = ask(&lb, "/odd", via_hyper).await;
+        let r = final_response(&mut c).await;
+        let odd_conn = up.log().last().unwrap().conn;
+        if r.status != 502 {
+            c.send(b"GET /next HTTP/1.1\r\nHost: lb.test\r\n\r\n").await;
+            let next = final_response(&mut c).await;
+            assert_ne!(
+                next.text(),
+                format!("GET /next conn={odd_conn}"),
+                "via hyper: {via_hyper}"
+            );
+        }
+    }
+}
+
+/// Found by [`response_framing_holds_under_mutation`]: the hyper path frames a response
+/// whose `Transfer-Encoding` list ends in an empty element (`chunked,`, which RFC 9110
+/// §5.6.1 says to skip) as if it were not chunked: by its `Content-Length` when it has
+/// one, else until the instance closes, passing the chunk framing on as content. The
+/// fast path reads it as chunked. (Beside a `Content-Length`, the hyper path also takes
+/// the length over the coding.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the hyper path misframes `Transfer-Encoding: chunked,`"]
+async fn hyper_path_frames_responses_like_the_fast_path() {
+    let up = odd_instance(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        Some(Duration::from_millis(300)),
+    )
+    .await;
+    let lb = up.balancer().await;
+    for via_hyper in [false, true] {
+        let mut c = ask(&lb, "/odd", via_hyper).await;
+        let r = final_response(&mut c).await;
+        assert_eq!(r.text(), "hello", "via hyper: {via_hyper}: {r:?}");
+    }
+}
+
+/// Found by [`response_framing_holds_under_mutation`]: the hyper path passes a `101` that
+/// no request asked for (no `Upgrade`) on to the client, which then takes the connection
+/// for switched; the fast path answers 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the hyper path passes on an unrequested 101"]
+async fn unrequested_protocol_switch_is_a_bad_gateway() {
+    let up = odd_instance(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", None).await;
+    let lb = up.balancer().await;
+    for via_hyper in [false, true] {
+        let mut c = ask(&lb, "/odd", via_hyper).await;
+        let r = final_response(&mut c).await;
+        assert_eq!(r.status, 502, "via hyper: {via_hyper}: {r:?}");
+    }
 }
