@@ -1386,6 +1386,9 @@ async fn request_case(
                         context(&r, up)
                     ));
                 }
+                if trace() {
+                    eprintln!("  refused ({}) though a strict reader accepts it", g.status);
+                }
                 refused = true;
                 must_end = g.closes();
                 break;
