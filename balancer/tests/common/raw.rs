@@ -125,6 +125,13 @@ impl RawUpstream {
         self.seen.log.lock().unwrap().clone()
     }
 
+    /// The requests received after the first `from`, in arrival order (cheaper than
+    /// [`RawUpstream::log`] when thousands came before).
+    pub fn log_since(&self, from: usize) -> Vec<RawRequest> {
+        let log = self.seen.log.lock().unwrap();
+        log.get(from..).unwrap_or_default().to_vec()
+    }
+
     /// Every byte received so far, all connections in the order they were accepted.
     pub fn wire(&self) -> Vec<u8> {
         self.seen
@@ -455,6 +462,12 @@ impl RawClient {
         self.s.write_all(bytes).await.unwrap();
     }
 
+    /// Ends the sending side (a TCP half-close): the balancer reads the end of the stream
+    /// after what was sent, while answers can still come back.
+    pub async fn shutdown_write(&mut self) {
+        self.s.shutdown().await.unwrap();
+    }
+
     /// Reads more bytes; `false` at end of stream. Panics after [`DEADLINE`] without any.
     pub async fn fill(&mut self) -> bool {
         let mut chunk = [0u8; 64 * 1024];
@@ -524,17 +537,7 @@ impl RawClient {
                 )
             });
             if let httparse::Status::Complete(n) = parsed {
-                let headers: Vec<(String, String)> = r
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                break (n, r.code.unwrap(), headers);
+                break (n, r.code.unwrap(), header_pairs(r.headers));
             }
             self.more("a response head").await;
         };
@@ -672,6 +675,19 @@ impl RawClient {
             Ok(Err(e)) => panic!("{why}: read failed: {e}"),
         }
     }
+}
+
+/// Parsed header lines as (lowercased name, value) pairs, in order.
+pub fn header_pairs(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// `GET path` as HTTP/1.1 with a `Host` and nothing else.
