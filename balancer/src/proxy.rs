@@ -517,6 +517,22 @@ fn plain_response_framing<B>(resp: &Response<B>) -> bool {
     }
 }
 
+/// `Content-Length: 5, 5` (or two such lines, which hyper accepts when they agree) as the
+/// one value it stands for (RFC 9110 §8.6: a list of equal lengths is not to be passed on).
+fn normalise_length(h: &mut HeaderMap) {
+    let mut values = h
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    if let Ok(v) = HeaderValue::from_bytes(first) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+}
+
 /// A place at `backend` for one request under `--max-conns-per-instance`: at once if one is
 /// free, else after waiting (counted as queued) up to `timeout`; `None` if none came free.
 /// Places freed anywhere (either path, any event loop) are seen within a few milliseconds.
@@ -706,6 +722,7 @@ async fn forward(
                 let (mut rparts, rbody) = resp.into_parts();
                 backend.record_status(rparts.status.as_u16());
                 strip_hop_by_hop(&mut rparts.headers);
+                normalise_length(&mut rparts.headers);
                 let mut body = PooledBody::new(
                     rbody,
                     conn.sender,

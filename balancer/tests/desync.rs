@@ -471,3 +471,25 @@ fn fast_threads_cpu() -> std::collections::HashMap<u64, Duration> {
         })
         .collect()
 }
+
+/// An instance's `Content-Length: 5, 5` reaches an HTTP/1.0 client (the hyper path) as one
+/// `Content-Length: 5` (RFC 9110 §8.6), never as the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_length_list_is_normalised() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello".to_vec(),
+        )]
+    })
+    .await;
+    let lb = up.balancer().await;
+    let (_c, r) = send_raw(&lb, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert_eq!(r.text(), "hello");
+    let lengths: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "content-length")
+        .collect();
+    assert_eq!(lengths.len(), 1, "{r:?}");
+    assert_eq!(lengths[0].1, "5", "{r:?}");
+}
