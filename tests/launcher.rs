@@ -264,6 +264,12 @@ async fn bad_flags_exit_64() {
         &["--workers", "0"][..],
         &["worker", "--no-such-flag"][..],
         &["balancer", "--service", "web", "--listen", "not-an-address"][..],
+        // A zero timeout would turn every request into a 504.
+        &["balancer", "--service", "web", "--upstream-timeout", "0s"][..],
+        &["balancer", "--service", "web", "--connect-timeout", "0s"][..],
+        &["balancer", "--service", "web", "--first-byte-timeout", "0s"][..],
+        &["balancer", "--service", "web", "--first-byte-timeout", "soon"][..],
+        &["balancer", "--service", "web", "--http2-max-streams", "0"][..],
     ] {
         let (code, out, err) = run_to_end("bad-flag", &args(argv), DEADLINE).await;
         assert_eq!(code, 64, "{argv:?}: stdout: {out}\nstderr: {err}");
