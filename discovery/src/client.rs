@@ -396,6 +396,19 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`): every check in
+    /// that state, blocking when `index > 0`. Rows decode into the caller's `T`, so a watcher
+    /// that needs a few fields of ten thousand checks allocates only those.
+    pub async fn health_state<T: DeserializeOwned>(
+        &self,
+        state: &str,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(Vec<T>, QueryMeta), Error> {
+        let path = format!("/v1/health/state/{}", enc(state));
+        self.blocking(&path, String::new(), index, wait).await
+    }
+
     /// `GET /v1/agent/service/:id`; `Ok(None)` when the agent does not know the ID (404), which
     /// is how a worker notices that a restarted agent lost its registration.
     pub async fn agent_service(&self, service_id: &str) -> Result<Option<AgentService>, Error> {
