@@ -12,8 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
@@ -24,6 +25,8 @@ use crate::wire::{
 
 /// Default agent address, as for every Consul tool.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8500";
+/// Deadline of a connect to the agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of a non-blocking call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to `wait + wait/16` for blocking calls: time for the answer itself to travel.
@@ -153,11 +156,17 @@ pub struct HealthQuery {
     pub wait: Option<Duration>,
 }
 
-/// A typed Consul agent client. Cheap to clone: clones share one connection pool.
+/// The one connection of a [`Client::single_connection`] client, while it is idle.
+type Slot = Arc<tokio::sync::Mutex<Option<http1::SendRequest<Full<Bytes>>>>>;
+
+/// A typed Consul agent client. Cheap to clone: clones share one connection pool (or, for a
+/// [`Client::single_connection`] client, its one connection).
 #[derive(Clone)]
 pub struct Client {
     http: HyperClient<HttpConnector, Full<Bytes>>,
     config: Arc<ClientConfig>,
+    /// Set for a client of one connection.
+    single: Option<Slot>,
 }
 
 impl std::fmt::Debug for Client {
@@ -179,14 +188,79 @@ impl Client {
     pub fn new(config: ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Self {
             http,
             config: Arc::new(config),
+            single: None,
         }
+    }
+
+    /// A client of the same agent that holds at most one connection, and sends its calls
+    /// one at a time over it. A pooled client opens a new connection whenever a call starts
+    /// before the previous call's connection is back in the pool; this one never does, so a
+    /// watcher made of N such clients holds at most N connections to the agent.
+    pub fn single_connection(&self) -> Client {
+        Client {
+            http: self.http.clone(),
+            config: Arc::clone(&self.config),
+            single: Some(Slot::default()),
+        }
+    }
+
+    /// Sends `req` over the one connection of `slot`, opening it when there is none (or the
+    /// old one closed). Calls wait for each other.
+    async fn send_single(
+        &self,
+        slot: &Slot,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Error> {
+        let transport = |e: hyper::Error| Error::Transport(Box::new(e));
+        let mut idle = slot.lock().await;
+        // Taken out while in use: a call cancelled halfway leaves no half-used connection.
+        let mut sender = match idle.take() {
+            Some(mut s) => match s.ready().await {
+                Ok(()) => s,
+                Err(_) => self.connect_one().await?,
+            },
+            None => self.connect_one().await?,
+        };
+        // Origin form, as on any connection to an origin server.
+        if let Some(a) = req.uri().authority() {
+            if let Ok(host) = http::HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = http::Uri::from(pq);
+        }
+        let resp = sender.send_request(req).await.map_err(transport)?;
+        // Back for the next call, whose `ready` waits until this answer has been read.
+        *idle = Some(sender);
+        Ok(resp)
+    }
+
+    async fn connect_one(&self) -> Result<http1::SendRequest<Full<Bytes>>, Error> {
+        let addr = self
+            .config
+            .base_url
+            .strip_prefix("http://")
+            .unwrap_or(&self.config.base_url);
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
+            .map_err(|e| Error::Transport(Box::new(e)))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Transport(Box::new(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     /// A client configured from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN[_FILE]`.
@@ -218,11 +292,14 @@ impl Client {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| Error::Config(format!("bad request URI {uri}: {e}")))?;
         let fut = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| Error::Transport(Box::new(e)))?;
+            let resp = match &self.single {
+                Some(slot) => self.send_single(slot, req).await?,
+                None => self
+                    .http
+                    .request(req)
+                    .await
+                    .map_err(|e| Error::Transport(Box::new(e)))?,
+            };
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()

@@ -129,7 +129,9 @@ impl CatalogWatch {
         let (ev_tx, ev_rx) = mpsc::channel(EVENTS);
         let timing = opts.timing.clone();
         let span = tracing::info_span!("catalog");
-        let c = client.clone();
+        // One connection each for the two streams and for each read slot: the bound holds
+        // exactly, however the calls interleave.
+        let c = client.single_connection();
         let catalog = stream(
             "catalog",
             timing.clone(),
@@ -141,7 +143,7 @@ impl CatalogWatch {
             },
             |services, index| Event::Catalog { services, index },
         );
-        let c = client.clone();
+        let c = client.single_connection();
         let health = stream(
             "health",
             timing,
@@ -317,11 +319,16 @@ async fn stream<T, F, Fut>(
     }
 }
 
-type ReadResult = (String, Result<(Vec<ServiceEntry>, QueryMeta), Error>);
+type ReadResult = (
+    String,
+    Result<(Vec<ServiceEntry>, QueryMeta), Error>,
+    Client,
+);
 
 /// Owns everything the watcher knows; the only writer of the published view.
 struct Coordinator {
-    client: Client,
+    /// Single-connection clients not reading right now (one per read slot).
+    slots: Vec<Client>,
     opts: CatalogOptions,
     board: Arc<Mutex<Board>>,
     view: watch::Sender<Arc<CatalogView>>,
@@ -361,9 +368,12 @@ impl Coordinator {
         view: watch::Sender<Arc<CatalogView>>,
     ) -> Self {
         opts.concurrency = opts.concurrency.max(1);
+        let slots = (0..opts.concurrency)
+            .map(|_| client.single_connection())
+            .collect();
         let followed: BTreeSet<String> = opts.services.iter().cloned().collect();
         Self {
-            client,
+            slots,
             dirty: followed.clone(),
             followed,
             opts,
@@ -399,7 +409,8 @@ impl Coordinator {
                     None => break,
                 },
                 Some(done) = self.reads.join_next(), if !self.reads.is_empty() => {
-                    if let Ok((name, result)) = done {
+                    if let Ok((name, result, slot)) = done {
+                        self.slots.push(slot);
                         self.on_read(name, result);
                     }
                 }
@@ -598,7 +609,7 @@ impl Coordinator {
             return;
         }
         let now = Instant::now();
-        while self.reads.len() < self.opts.concurrency {
+        while !self.slots.is_empty() {
             let next = self
                 .dirty
                 .iter()
@@ -608,22 +619,26 @@ impl Coordinator {
                 })
                 .cloned();
             let Some(name) = next else { break };
+            let Some(client) = self.slots.pop() else {
+                break;
+            };
             self.dirty.remove(&name);
+            tracing::trace!(service = %name, "reading");
             self.inflight.insert(name.clone());
-            let client = self.client.clone();
             self.reads.spawn(async move {
                 let q = HealthQuery {
                     passing: true,
                     ..HealthQuery::default()
                 };
                 let r = client.health_service(&name, &q).await;
-                (name, r)
+                (name, r, client)
             });
         }
     }
 
     fn on_read(&mut self, name: String, result: Result<(Vec<ServiceEntry>, QueryMeta), Error>) {
         self.inflight.remove(&name);
+        tracing::trace!(service = %name, ok = result.is_ok(), "read");
         if !self.followed.contains(&name) {
             return;
         }
