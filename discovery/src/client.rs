@@ -341,10 +341,28 @@ impl Client {
     async fn blocking<T: DeserializeOwned>(
         &self,
         path: &str,
-        mut query: String,
+        query: String,
         index: u64,
         wait: Option<Duration>,
     ) -> Result<(T, QueryMeta), Error> {
+        let (value, meta) = self.blocking_read(path, query, index, wait, false).await?;
+        // Only `None` when asked to skip unchanged answers.
+        value
+            .map(|v| (v, meta))
+            .ok_or(Error::Timeout(Duration::ZERO))
+    }
+
+    /// [`Client::blocking`], but an answer at the index the query blocked on (the wait ran out
+    /// with nothing new) is not decoded when `skip_unchanged`: `None`, as the caller has that
+    /// data already. Renewing a blocking query on a large answer then costs the transfer only.
+    async fn blocking_read<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut query: String,
+        index: u64,
+        wait: Option<Duration>,
+        skip_unchanged: bool,
+    ) -> Result<(Option<T>, QueryMeta), Error> {
         let mut timeout = self.config.timeout;
         if index > 0 {
             let wait = wait.unwrap_or(DEFAULT_WAIT);
@@ -357,8 +375,11 @@ impl Client {
         };
         let a = self.call(Method::GET, &pq, None, timeout).await?;
         let meta = query_meta(&a.headers);
+        if skip_unchanged && index > 0 && meta.index == index {
+            return Ok((None, meta));
+        }
         let value = serde_json::from_slice(&a.body).map_err(Error::Decode)?;
-        Ok((value, meta))
+        Ok((Some(value), meta))
     }
 
     /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent, so a
@@ -474,16 +495,34 @@ impl Client {
     }
 
     /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`): every check in
-    /// that state, blocking when `index > 0`. Rows decode into the caller's `T`, so a watcher
-    /// that needs a few fields of ten thousand checks allocates only those.
-    pub async fn health_state<T: DeserializeOwned>(
+    /// that state, blocking when `index > 0`; `None` when the answer is at `index` (nothing
+    /// changed: it is not decoded). Rows decode into the caller's `T`, so a watcher that needs
+    /// a few fields of ten thousand checks allocates only those.
+    pub async fn health_state_changed<T: DeserializeOwned>(
         &self,
         state: &str,
         index: u64,
         wait: Option<Duration>,
-    ) -> Result<(Vec<T>, QueryMeta), Error> {
+    ) -> Result<(Option<Vec<T>>, QueryMeta), Error> {
         let path = format!("/v1/health/state/{}", enc(state));
-        self.blocking(&path, String::new(), index, wait).await
+        self.blocking_read(&path, String::new(), index, wait, true)
+            .await
+    }
+
+    /// [`Client::catalog_services`], `None` when the answer is at `index` (not decoded).
+    pub async fn catalog_services_changed(
+        &self,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<
+        (
+            Option<std::collections::BTreeMap<String, Vec<String>>>,
+            QueryMeta,
+        ),
+        Error,
+    > {
+        self.blocking_read("/v1/catalog/services", String::new(), index, wait, true)
+            .await
     }
 
     /// `GET /v1/agent/service/:id`; `Ok(None)` when the agent does not know the ID (404), which

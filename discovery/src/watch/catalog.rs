@@ -139,7 +139,7 @@ impl CatalogWatch {
             StopSignal(stop_rx.clone()),
             move |index, wait| {
                 let c = c.clone();
-                async move { c.catalog_services(index, Some(wait)).await }
+                async move { c.catalog_services_changed(index, Some(wait)).await }
             },
             |services, index| Event::Catalog { services, index },
         );
@@ -151,7 +151,10 @@ impl CatalogWatch {
             StopSignal(stop_rx.clone()),
             move |index, wait| {
                 let c = c.clone();
-                async move { c.health_state::<CheckRow>("any", index, Some(wait)).await }
+                async move {
+                    c.health_state_changed::<CheckRow>("any", index, Some(wait))
+                        .await
+                }
             },
             |checks, index| Event::Health { checks, index },
         );
@@ -238,6 +241,10 @@ enum Event {
         checks: Vec<CheckRow>,
         index: u64,
     },
+    /// A blocking query's wait ran out with no change.
+    Renewed {
+        stream: usize,
+    },
     /// The stream's index went backwards: the agent was restored or restarted.
     Reset {
         stream: usize,
@@ -262,7 +269,7 @@ async fn stream<T, F, Fut>(
     wrap: fn(T, u64) -> Event,
 ) where
     F: Fn(u64, Duration) -> Fut,
-    Fut: Future<Output = Result<(T, QueryMeta), Error>>,
+    Fut: Future<Output = Result<(Option<T>, QueryMeta), Error>>,
 {
     let which = if name == "catalog" { CATALOG } else { HEALTH };
     let mut limit = RateLimit::new(t.rate_burst, t.rate_interval, Instant::now());
@@ -291,7 +298,12 @@ async fn stream<T, F, Fut>(
                     }
                     IndexStep::Wait(next) => {
                         index = next;
-                        wrap(value, next)
+                        match value {
+                            Some(v) => wrap(v, next),
+                            // The wait ran out with nothing new: an answer all the same, which
+                            // clears errors and may end an outage.
+                            None => Event::Renewed { stream: which },
+                        }
                     }
                 }
             }
@@ -439,6 +451,7 @@ impl Coordinator {
                 self.answered(HEALTH);
                 self.on_health(&checks, index);
             }
+            Event::Renewed { stream } => self.answered(stream),
             Event::Reset { stream } => {
                 self.outage = true;
                 if stream == CATALOG {
