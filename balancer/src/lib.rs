@@ -183,7 +183,7 @@ fn start_discovery(
     vec![tokio::spawn(async move {
         loop {
             let view = Arc::clone(&rx.borrow_and_update());
-            if let Some(t) = router.apply(&view, &routes.load()) {
+            if let Some(t) = router.apply(&view) {
                 routes.store(Arc::new(t));
             }
             if view.synced {

@@ -191,6 +191,9 @@ pub struct Router {
     /// Routes are logged at INFO once the first full catalog has been read; the routes of
     /// that first read are summed up in one line.
     synced: bool,
+    /// Each route as last logged: (host, prefix) → (service, instances). The service states
+    /// are shared by the old and the new table, so the old table cannot tell what changed.
+    logged: HashMap<(Option<String>, String), (String, usize)>,
 }
 
 impl Router {
@@ -213,6 +216,7 @@ impl Router {
             tag_routes: HashMap::new(),
             reported: HashSet::new(),
             synced: false,
+            logged: HashMap::new(),
         }
     }
 
@@ -240,7 +244,7 @@ impl Router {
 
     /// Applies `view`: services whose snapshot changed get it; routes are rebuilt when any
     /// service changed. Returns the new table, or `None` when nothing changed.
-    pub fn apply(&mut self, view: &CatalogView, current: &RouteTable) -> Option<RouteTable> {
+    pub fn apply(&mut self, view: &CatalogView) -> Option<RouteTable> {
         let mut changed: Vec<String> = Vec::new();
         for (name, snap) in &view.services {
             if self.applied.get(name).is_some_and(|a| Arc::ptr_eq(a, snap)) {
@@ -274,7 +278,7 @@ impl Router {
             return None;
         }
         let table = self.build();
-        self.log_changes(current, &table, first_sync);
+        self.log_changes(&table, first_sync);
         self.synced |= view.synced;
         Some(table)
     }
@@ -361,38 +365,24 @@ impl Router {
 
     /// One line per route that appeared, went, or changed its instance count; at DEBUG
     /// until the first full catalog read, which is summed up in one INFO line.
-    fn log_changes(&self, old: &RouteTable, new: &RouteTable, first_sync: bool) {
-        let key = |e: &RouteEntry| (e.route.host.clone(), e.route.prefix.clone());
-        let before: HashMap<_, (&str, usize)> = old
-            .entries
-            .iter()
-            .map(|e| {
-                (
-                    key(e),
-                    (e.service.name.as_str(), e.service.backends().list.len()),
-                )
-            })
-            .collect();
+    fn log_changes(&mut self, new: &RouteTable, first_sync: bool) {
         let quiet = !self.synced;
+        let mut now = HashMap::with_capacity(new.entries.len());
         for e in &new.entries {
-            let now = (e.service.name.as_str(), e.service.backends().list.len());
-            let was = before.get(&key(e));
-            if was == Some(&now) {
-                continue;
+            let key = (e.route.host.clone(), e.route.prefix.clone());
+            let val = (e.service.name.clone(), e.service.backends().list.len());
+            if self.logged.remove(&key).as_ref() != Some(&val) {
+                if quiet {
+                    tracing::debug!(route = %e.route.display(), service = %val.0, instances = val.1, "route");
+                } else {
+                    tracing::info!(route = %e.route.display(), service = %val.0, instances = val.1, "route updated");
+                }
             }
-            // A count that changed while the snapshot stayed cannot be told apart here, so
-            // every changed route of a changed service logs: one line per route change.
-            if quiet {
-                tracing::debug!(route = %e.route.display(), service = now.0, instances = now.1, "route");
-            } else {
-                tracing::info!(route = %e.route.display(), service = now.0, instances = now.1, "route updated");
-            }
+            now.insert(key, val);
         }
-        let now: HashSet<_> = new.entries.iter().map(key).collect();
-        for e in &old.entries {
-            if !now.contains(&key(e)) {
-                tracing::info!(route = %e.route.display(), service = %e.service.name, "route removed");
-            }
+        // What is left was not in the new table.
+        for ((host, prefix), (service, _)) in std::mem::replace(&mut self.logged, now) {
+            tracing::info!(route = %format!("{}{prefix}", host.as_deref().unwrap_or("")), service = %service, "route removed");
         }
         if first_sync {
             tracing::info!(
@@ -531,28 +521,28 @@ mod tests {
                 &[&["urlprefix-/ui strip=/ui proto=http", "urlprefix-nopath"]],
             ),
         );
-        let t1 = r.apply(&view, &initial).unwrap();
+        let t1 = r.apply(&view).unwrap();
         assert_eq!(svc(&t1, "h", "/pagos/1"), Some("pagos"));
         let ui = t1.lookup(None, "/ui/app.js").unwrap();
         assert_eq!(ui.route.strip.as_deref(), Some("/ui"));
         assert_eq!(svc(&t1, "h", "/x"), Some("web"));
         assert_eq!(t1.service("pagos").unwrap().backends().list.len(), 2);
-        assert!(r.apply(&view, &t1).is_none(), "no change, no new table");
+        assert!(r.apply(&view).is_none(), "no change, no new table");
 
         // A newer service claims /pagos: the older route keeps it.
         view.services
             .insert("pagos2".into(), snap("pagos2", &[&["urlprefix-/pagos"]]));
-        let t2 = r.apply(&view, &t1).unwrap();
+        let t2 = r.apply(&view).unwrap();
         assert_eq!(svc(&t2, "h", "/pagos"), Some("pagos"));
         // The tag goes from pagos: pagos2 takes over; pagos is unrouted.
         view.services
             .insert("pagos".into(), snap("pagos", &[&["other"]]));
-        let t3 = r.apply(&view, &t2).unwrap();
+        let t3 = r.apply(&view).unwrap();
         assert_eq!(svc(&t3, "h", "/pagos"), Some("pagos2"));
         assert!(t3.service("pagos").is_none());
         // A service gone from the view takes its routes along; flags stay.
         view.services.clear();
-        let t4 = r.apply(&view, &t3).unwrap();
+        let t4 = r.apply(&view).unwrap();
         assert_eq!(svc(&t4, "h", "/pagos"), Some("web"));
         assert!(t4.service("web").is_some());
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -301,11 +301,11 @@ impl Client {
                     .map_err(|e| Error::Transport(Box::new(e)))?,
             };
             let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(Error::Transport)?
-                .to_bytes();
+            let len = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            let body = read_body(body, len).await?;
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
@@ -358,11 +358,30 @@ impl Client {
     async fn blocking_read<T: DeserializeOwned>(
         &self,
         path: &str,
-        mut query: String,
+        query: String,
         index: u64,
         wait: Option<Duration>,
         skip_unchanged: bool,
     ) -> Result<(Option<T>, QueryMeta), Error> {
+        let (body, meta) = self
+            .blocking_bytes(path, query, index, wait, skip_unchanged)
+            .await?;
+        let value = match body {
+            Some(b) => Some(serde_json::from_slice(&b).map_err(Error::Decode)?),
+            None => None,
+        };
+        Ok((value, meta))
+    }
+
+    /// [`Client::blocking_read`] without the decoding: the answer's body.
+    async fn blocking_bytes(
+        &self,
+        path: &str,
+        mut query: String,
+        index: u64,
+        wait: Option<Duration>,
+        skip_unchanged: bool,
+    ) -> Result<(Option<Bytes>, QueryMeta), Error> {
         let mut timeout = self.config.timeout;
         if index > 0 {
             let wait = wait.unwrap_or(DEFAULT_WAIT);
@@ -378,8 +397,7 @@ impl Client {
         if skip_unchanged && index > 0 && meta.index == index {
             return Ok((None, meta));
         }
-        let value = serde_json::from_slice(&a.body).map_err(Error::Decode)?;
-        Ok((Some(value), meta))
+        Ok((Some(a.body), meta))
     }
 
     /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent, so a
@@ -509,6 +527,19 @@ impl Client {
             .await
     }
 
+    /// [`Client::health_state_changed`] undecoded: the JSON body, for a caller that decodes
+    /// it borrowing from the body rather than into owned strings.
+    pub async fn health_state_raw(
+        &self,
+        state: &str,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(Option<Bytes>, QueryMeta), Error> {
+        let path = format!("/v1/health/state/{}", enc(state));
+        self.blocking_bytes(&path, String::new(), index, wait, true)
+            .await
+    }
+
     /// [`Client::catalog_services`], `None` when the answer is at `index` (not decoded).
     pub async fn catalog_services_changed(
         &self,
@@ -571,6 +602,25 @@ impl Client {
     pub async fn status_leader(&self) -> Result<String, Error> {
         self.read("/v1/status/leader").await
     }
+}
+
+/// Reads a whole answer into one buffer sized by its `Content-Length`: a large answer
+/// (`health/state/any` of 10,000 checks is megabytes) is copied once, each piece freed as it
+/// is copied, rather than held in pieces and then copied whole.
+async fn read_body(mut body: hyper::body::Incoming, len: Option<usize>) -> Result<Bytes, Error> {
+    let mut buf = Vec::with_capacity(len.unwrap_or(0).min(MAX_BODY));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::Transport(Box::new(e)))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BODY {
+                return Err(Error::Transport(
+                    format!("answer larger than {MAX_BODY} bytes").into(),
+                ));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn query_meta(headers: &HeaderMap) -> QueryMeta {

@@ -586,11 +586,18 @@ pub(crate) fn health_entries(
         return Vec::new();
     }
     let node = s.node_wire();
-    s.services
+    let rows: Vec<_> = s
+        .services
         .values()
         .filter(|r| r.svc.service == name && has_tags(&r.svc, tags))
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let mut checks = s.entry_checks(rows.iter().map(|r| r.svc.id.as_str()));
+    rows.into_iter()
         .filter_map(|r| {
-            let checks = s.entry_checks(&r.svc.id);
+            let checks = checks.remove(r.svc.id.as_str()).unwrap_or_default();
             if passing && checks.iter().any(|c| c.status != PASSING) {
                 return None;
             }

@@ -536,14 +536,30 @@ impl Store {
         out
     }
 
-    /// Node-level checks, then the service's checks, as Consul lists them in an entry.
-    pub fn entry_checks(&self, service_id: &str) -> Vec<HealthCheck> {
-        let node = self.checks.values().filter(|c| c.hc.service_id.is_empty());
-        let svc = self
+    /// For each of `service_ids`: node-level checks, then the service's checks, as Consul
+    /// lists them in an entry. One pass over the checks for all of them, so a read of one
+    /// service among thousands stays linear.
+    pub fn entry_checks<'a>(
+        &self,
+        service_ids: impl Iterator<Item = &'a str>,
+    ) -> HashMap<&'a str, Vec<HealthCheck>> {
+        let mut by_id: HashMap<&str, Vec<HealthCheck>> =
+            service_ids.map(|id| (id, Vec::new())).collect();
+        let node: Vec<&HealthCheck> = self
             .checks
             .values()
-            .filter(|c| c.hc.service_id == service_id);
-        node.chain(svc).map(|c| c.hc.clone()).collect()
+            .filter(|c| c.hc.service_id.is_empty())
+            .map(|c| &c.hc)
+            .collect();
+        for v in by_id.values_mut() {
+            v.extend(node.iter().map(|c| (*c).clone()));
+        }
+        for c in self.checks.values() {
+            if let Some(v) = by_id.get_mut(c.hc.service_id.as_str()) {
+                v.push(c.hc.clone());
+            }
+        }
+        by_id
     }
 }
 

@@ -23,6 +23,7 @@
 //! outage (instances, and services, missing from a recovered agent's answers stay published
 //! for [`CatalogOptions::recovery_grace`]).
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -55,6 +56,8 @@ const EXPLAINED_KEPT: usize = 64;
 /// A view is published at most this long after the first change it carries, so a burst of
 /// reads (at start: every service) publishes a few views, not one per service.
 const PUBLISH_DELAY: Duration = Duration::from_millis(10);
+/// The same while the first full read is under way.
+const SYNC_PUBLISH_DELAY: Duration = Duration::from_millis(250);
 /// Capacity of the channel from the two streams to the coordinator.
 const EVENTS: usize = 16;
 
@@ -152,11 +155,19 @@ impl CatalogWatch {
             move |index, wait| {
                 let c = c.clone();
                 async move {
-                    c.health_state_changed::<CheckRow>("any", index, Some(wait))
-                        .await
+                    let (body, meta) = c.health_state_raw("any", index, Some(wait)).await?;
+                    // Decoded here, borrowing from the body, and reduced to one entry per
+                    // service before it goes to the coordinator.
+                    let prints = match body {
+                        Some(b) => Some(fingerprints(
+                            &serde_json::from_slice::<Vec<CheckRow>>(&b).map_err(Error::Decode)?,
+                        )),
+                        None => None,
+                    };
+                    Ok((prints, meta))
                 }
             },
-            |checks, index| Event::Health { checks, index },
+            |services, index| Event::Health { services, index },
         );
         let coord = Coordinator::new(client, opts, Arc::clone(&status), view_tx);
         let task = tokio::spawn(
@@ -218,18 +229,49 @@ fn lock_board(b: &Mutex<Board>) -> std::sync::MutexGuard<'_, Board> {
     b.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The fields of a `health/state` row the watcher needs.
+/// The fields of a `health/state` row the watcher needs, borrowed from the answer where the
+/// JSON has no escapes.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
-pub struct CheckRow {
-    #[serde(rename = "CheckID")]
-    pub check_id: String,
-    pub status: String,
-    #[serde(rename = "ServiceID")]
-    pub service_id: String,
-    pub service_name: String,
-    pub service_tags: Vec<String>,
+pub struct CheckRow<'a> {
+    #[serde(rename = "CheckID", borrow)]
+    pub check_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(rename = "ServiceID", borrow)]
+    pub service_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub service_name: Cow<'a, str>,
+    #[serde(borrow)]
+    pub service_tags: Vec<Cow<'a, str>>,
     pub modify_index: u64,
+}
+
+/// Per service: a hash of its checks (ID, service ID, status, index, tags) and the highest
+/// `ModifyIndex` among them.
+pub type Fingerprints = HashMap<String, (u64, u64)>;
+
+/// The [`Fingerprints`] of a `health/state/any` answer. Node checks (no service) are left
+/// out: they move every service's index, not one service's instances.
+pub fn fingerprints(checks: &[CheckRow<'_>]) -> Fingerprints {
+    let mut by_service: HashMap<&str, (DefaultHasher, u64)> = HashMap::new();
+    let mut sorted: Vec<&CheckRow> = checks.iter().collect();
+    sorted.sort_by(|a, b| (&a.check_id, &a.service_id).cmp(&(&b.check_id, &b.service_id)));
+    for c in sorted {
+        if c.service_name.is_empty() {
+            continue;
+        }
+        let e = by_service
+            .entry(&c.service_name)
+            .or_insert_with(|| (DefaultHasher::new(), 0));
+        (&c.check_id, &c.service_id, &c.status, c.modify_index).hash(&mut e.0);
+        c.service_tags.hash(&mut e.0);
+        e.1 = e.1.max(c.modify_index);
+    }
+    by_service
+        .into_iter()
+        .map(|(n, (h, m))| (n.to_string(), (h.finish(), m)))
+        .collect()
 }
 
 enum Event {
@@ -238,7 +280,7 @@ enum Event {
         index: u64,
     },
     Health {
-        checks: Vec<CheckRow>,
+        services: Fingerprints,
         index: u64,
     },
     /// A blocking query's wait ran out with no change.
@@ -447,9 +489,9 @@ impl Coordinator {
                 self.answered(CATALOG);
                 self.on_catalog(services, index);
             }
-            Event::Health { checks, index } => {
+            Event::Health { services, index } => {
                 self.answered(HEALTH);
-                self.on_health(&checks, index);
+                self.on_health(services, index);
             }
             Event::Renewed { stream } => self.answered(stream),
             Event::Reset { stream } => {
@@ -555,25 +597,7 @@ impl Coordinator {
         }
     }
 
-    fn on_health(&mut self, checks: &[CheckRow], index: u64) {
-        let mut by_service: HashMap<&str, (DefaultHasher, u64)> = HashMap::new();
-        let mut sorted: Vec<&CheckRow> = checks.iter().collect();
-        sorted.sort_by(|a, b| (&a.check_id, &a.service_id).cmp(&(&b.check_id, &b.service_id)));
-        for c in sorted {
-            if c.service_name.is_empty() {
-                continue; // node checks count for every service via the index only
-            }
-            let e = by_service
-                .entry(c.service_name.as_str())
-                .or_insert_with(|| (DefaultHasher::new(), 0));
-            (&c.check_id, &c.service_id, &c.status, c.modify_index).hash(&mut e.0);
-            c.service_tags.hash(&mut e.0);
-            e.1 = e.1.max(c.modify_index);
-        }
-        let fresh: HashMap<String, (u64, u64)> = by_service
-            .into_iter()
-            .map(|(n, (h, m))| (n.to_string(), (h.finish(), m)))
-            .collect();
+    fn on_health(&mut self, fresh: Fingerprints, index: u64) {
         let mut changed = self.health_index.is_none();
         for (name, (fp, max_modify)) in &fresh {
             let moved = self.fingerprints.get(name) != Some(fp);
@@ -717,8 +741,15 @@ impl Coordinator {
     }
 
     fn schedule_publish(&mut self) {
+        // Before the first full read, views carry partial routes nobody waits for, and each
+        // costs the consumer a rebuild: fewer of them.
+        let delay = if self.synced {
+            PUBLISH_DELAY
+        } else {
+            SYNC_PUBLISH_DELAY
+        };
         self.publish_at
-            .get_or_insert_with(|| Instant::now() + PUBLISH_DELAY);
+            .get_or_insert_with(|| Instant::now() + delay);
     }
 
     /// Publishes the view when a change waits and either nothing is left to read or the
@@ -821,15 +852,19 @@ mod tests {
             .collect()
     }
 
-    fn check(service: &str, id: &str, modify: u64) -> CheckRow {
+    fn check(service: &str, id: &str, modify: u64) -> CheckRow<'static> {
         CheckRow {
-            check_id: format!("service:{id}"),
+            check_id: format!("service:{id}").into(),
             status: "passing".into(),
-            service_id: id.into(),
-            service_name: service.into(),
+            service_id: id.to_string().into(),
+            service_name: service.to_string().into(),
             service_tags: vec![],
             modify_index: modify,
         }
+    }
+
+    fn health(c: &mut Coordinator, checks: &[CheckRow<'_>], index: u64) {
+        c.on_health(fingerprints(checks), index);
     }
 
     #[test]
@@ -854,9 +889,10 @@ mod tests {
         c.read_index.insert("a".into(), 5);
         c.read_index.insert("b".into(), 5);
         c.dirty.clear();
-        c.on_health(&[check("a", "a1", 3), check("b", "b1", 4)], 5);
+        health(&mut c, &[check("a", "a1", 3), check("b", "b1", 4)], 5);
         assert!(c.dirty.is_empty(), "{:?}", c.dirty);
-        c.on_health(
+        health(
+            &mut c,
             &[
                 check("a", "a1", 3),
                 check("b", "b1", 4),
@@ -872,7 +908,8 @@ mod tests {
         // A catalog change no check explains: everything, once the health stream is past it.
         c.on_catalog(catalog(&[("a", &[]), ("b", &[])]), 9);
         assert!(c.unexplained.is_some());
-        c.on_health(
+        health(
+            &mut c,
             &[
                 check("a", "a1", 3),
                 check("b", "b1", 4),
@@ -886,10 +923,10 @@ mod tests {
     #[test]
     fn a_removed_check_re_reads_its_service() {
         let mut c = coord(&["a"], None);
-        c.on_health(&[check("a", "a1", 3), check("a", "a2", 4)], 4);
+        health(&mut c, &[check("a", "a1", 3), check("a", "a2", 4)], 4);
         c.read_index.insert("a".into(), 4);
         c.dirty.clear();
-        c.on_health(&[check("a", "a1", 3)], 8);
+        health(&mut c, &[check("a", "a1", 3)], 8);
         assert_eq!(c.dirty, ["a"].map(String::from).into());
     }
 
