@@ -203,6 +203,24 @@ async fn a_gateway_routes_services_by_their_own_tags() {
         serde_json::from_str(&get(admin, "/status").await.unwrap().body).unwrap();
     assert_eq!(st["routes"], 5, "{st}");
     assert_eq!(st["ready"], true, "{st}");
+
+    // Quiet at INFO: one summary line for the first read, then one line per route change
+    // naming the route, the service and its instance count; never instance IDs.
+    let pagos2 = s.procs.iter_mut().find(|p| p.name == "pagos-2").unwrap();
+    pagos2.signal("TERM");
+    let log = || {
+        let b = s.procs.last().unwrap();
+        format!("{}{}", b.stdout(), b.stderr())
+    };
+    wait_for("a route change logged", DEADLINE, || async {
+        log().lines().any(|l| {
+            l.contains("route updated") && l.contains("route=/pagos") && l.contains("instances=1")
+        })
+    })
+    .await;
+    let log = log();
+    assert_eq!(log.matches("routes ready").count(), 1, "{log}");
+    assert!(!log.contains("pagos-1"), "instance IDs at INFO: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

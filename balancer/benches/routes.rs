@@ -17,7 +17,8 @@
 //! Run: `cargo bench -p balancer --bench routes` (release build). Ports: 127.0.0.1:0, or
 //! consecutive ports from `ROUTES_BENCH_PORTS` (e.g. `35000`) when set.
 //! `ROUTES_BENCH_LOG=/tmp/lb` keeps the balancers' logs (`/tmp/lb.tags`, `/tmp/lb.flags`);
-//! `ROUTES_BENCH_IDLE_SECS` shortens the idle window.
+//! `ROUTES_BENCH_IDLE_SECS` shortens the idle window; `ROUTES_BENCH_RUST_LOG` sets the
+//! balancers' `RUST_LOG` (default `info`).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -313,7 +314,10 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_balancer"))
         .args(&args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("ROUTES_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(match std::env::var_os("ROUTES_BENCH_LOG") {
             Some(p) => Stdio::from(std::fs::File::create(format!(
@@ -354,6 +358,8 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
         }
     }
     let all_routes = started.elapsed();
+    // Every route has now opened a connection to one of its instances: pools hold 1,000.
+    let hwm_routed = proc_field(pid, "VmHWM:");
     let (rss_ready, hwm_ready) = (rss_at_ready, hwm_at_ready);
     let rss = proc_field(pid, "VmRSS:");
     let conns = connections_to(pid, b.agent_port);
@@ -406,6 +412,10 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
         "resident memory when ready / peak so far {} MiB / {} MiB (catalog read, no request yet)",
         rss_ready / 1024,
         hwm_ready / 1024
+    );
+    println!(
+        "peak after one request to every route    {} MiB",
+        hwm_routed / 1024
     );
     println!(
         "resident memory then / peak             {} MiB / {} MiB (target < 50 MB)",

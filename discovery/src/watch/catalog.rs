@@ -486,10 +486,12 @@ impl Coordinator {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Catalog { services, index } => {
+                debug!(index, services = services.len(), "catalog answer");
                 self.answered(CATALOG);
                 self.on_catalog(services, index);
             }
             Event::Health { services, index } => {
+                debug!(index, services = services.len(), "health answer");
                 self.answered(HEALTH);
                 self.on_health(services, index);
             }
