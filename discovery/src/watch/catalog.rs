@@ -383,6 +383,10 @@ type ReadResult = (
 struct Coordinator {
     /// Single-connection clients not reading right now (one per read slot).
     slots: Vec<Client>,
+    /// Where new slots come from, should a read task be lost.
+    base: Client,
+    /// The service each running read task reads.
+    reading: HashMap<tokio::task::Id, String>,
     opts: CatalogOptions,
     board: Arc<Mutex<Board>>,
     view: watch::Sender<Arc<CatalogView>>,
@@ -428,6 +432,8 @@ impl Coordinator {
         let followed: BTreeSet<String> = opts.services.iter().cloned().collect();
         Self {
             slots,
+            base: client,
+            reading: HashMap::new(),
             dirty: followed.clone(),
             followed,
             opts,
@@ -462,10 +468,23 @@ impl Coordinator {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
-                Some(done) = self.reads.join_next(), if !self.reads.is_empty() => {
-                    if let Ok((name, result, slot)) = done {
-                        self.slots.push(slot);
-                        self.on_read(name, result);
+                Some(done) = self.reads.join_next_with_id(), if !self.reads.is_empty() => {
+                    match done {
+                        Ok((id, (name, result, slot))) => {
+                            self.reading.remove(&id);
+                            self.slots.push(slot);
+                            self.on_read(name, result);
+                        }
+                        // Only a panic (a bug) ends a read without its result: its slot is
+                        // replaced and its service read again.
+                        Err(e) => {
+                            self.slots.push(self.base.single_connection());
+                            if let Some(name) = self.reading.remove(&e.id()) {
+                                warn!(service = %name, error = %e, "a service read failed; reading it again");
+                                self.inflight.remove(&name);
+                                self.dirty.insert(name);
+                            }
+                        }
                     }
                 }
                 () = sleep_until_opt(timer) => self.on_timer(),
@@ -664,7 +683,8 @@ impl Coordinator {
             self.dirty.remove(&name);
             tracing::trace!(service = %name, "reading");
             self.inflight.insert(name.clone());
-            self.reads.spawn(async move {
+            let reading = name.clone();
+            let task = self.reads.spawn(async move {
                 let q = HealthQuery {
                     passing: true,
                     ..HealthQuery::default()
@@ -672,6 +692,7 @@ impl Coordinator {
                 let r = client.health_service(&name, &q).await;
                 (name, r, client)
             });
+            self.reading.insert(task.id(), reading);
         }
     }
 
