@@ -268,7 +268,13 @@ async fn bad_flags_exit_64() {
         &["balancer", "--service", "web", "--upstream-timeout", "0s"][..],
         &["balancer", "--service", "web", "--connect-timeout", "0s"][..],
         &["balancer", "--service", "web", "--first-byte-timeout", "0s"][..],
-        &["balancer", "--service", "web", "--first-byte-timeout", "soon"][..],
+        &[
+            "balancer",
+            "--service",
+            "web",
+            "--first-byte-timeout",
+            "soon",
+        ][..],
         &["balancer", "--service", "web", "--http2-max-streams", "0"][..],
     ] {
         let (code, out, err) = run_to_end("bad-flag", &args(argv), DEADLINE).await;

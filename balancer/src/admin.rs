@@ -25,32 +25,66 @@ fn age(t: Option<SystemTime>) -> Option<f64> {
         .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
-/// The status page as JSON.
-pub fn status(app: &App) -> serde_json::Value {
+/// Above this many instances in all, `/status` lists counts per service and leaves the
+/// instances to `/status?service=NAME`, so the page stays small at thousands of instances.
+pub const STATUS_INSTANCES_MAX: usize = 256;
+
+/// The status page as JSON: every service (or only `only`), with its instances when asked
+/// for one service or when there are at most [`STATUS_INSTANCES_MAX`] in all.
+pub fn status(app: &App, only: Option<&str>) -> serde_json::Value {
     let removed = app.history.removed();
-    let services: Vec<_> = app
+    let table = app.routes.load();
+    let total: usize = table
         .services
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
+        .values()
+        .map(|s| s.backends().list.len())
+        .sum();
+    let detailed = only.is_some() || total <= STATUS_INSTANCES_MAX;
+    let services: Vec<_> = table
+        .services
+        .values()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+        .map(|s| {
             let b = s.backends();
-            let routes: Vec<&str> = app
-                .config
-                .routes
-                .iter()
-                .zip(&app.route_service)
-                .filter(|(_, si)| **si == i)
-                .map(|(r, _)| r.prefix.as_str())
-                .collect();
+            let routes = table.routes_of(&s.name);
+            let discovery = match &app.catalog {
+                Some(w) => {
+                    let st = w.status(&s.name);
+                    json!({
+                        "source": "consul",
+                        "index": st.index,
+                        "updates": s.updates.load(Ordering::Relaxed),
+                        "last_change_age_seconds": age(st.last_change),
+                        "last_success_age_seconds": age(st.last_success),
+                        "consecutive_errors": st.consecutive_failures,
+                        "last_error": st.last_error,
+                        // Routing on the last known instances because Consul is not answering.
+                        "stale": st.consecutive_failures > 0,
+                    })
+                }
+                None => json!({"source": "static", "index": b.index, "updates": s.updates.load(Ordering::Relaxed), "stale": false}),
+            };
+            if !detailed {
+                return json!({
+                    "name": s.name,
+                    "routes": routes,
+                    "healthy_instances": b.list.len(),
+                    "stale": discovery["stale"],
+                });
+            }
             let instances: Vec<_> = b
                 .list
                 .iter()
                 .map(|be| {
                     let requests = be.requests();
                     let failures = be.failures.load(Ordering::Relaxed);
-                    let recent =
-                        app.history
-                            .recent(i, &be.instance.id, &be.authority, requests, failures);
+                    let recent = app.history.recent(
+                        &s.name,
+                        &be.instance.id,
+                        &be.authority,
+                        requests,
+                        failures,
+                    );
                     json!({
                         "id": be.instance.id,
                         "address": be.authority,
@@ -71,7 +105,7 @@ pub fn status(app: &App) -> serde_json::Value {
                 .collect();
             let gone: Vec<_> = removed
                 .iter()
-                .filter(|r| r.service == i)
+                .filter(|r| r.service == s.name)
                 .map(|r| {
                     json!({
                         "id": r.id,
@@ -83,23 +117,6 @@ pub fn status(app: &App) -> serde_json::Value {
                     })
                 })
                 .collect();
-            let discovery = match app.watches.get(i).and_then(Option::as_ref) {
-                Some(w) => {
-                    let st = w.status();
-                    json!({
-                        "source": "consul",
-                        "index": st.index,
-                        "updates": s.updates.load(Ordering::Relaxed),
-                        "last_change_age_seconds": age(st.last_change),
-                        "last_success_age_seconds": age(st.last_success),
-                        "consecutive_errors": st.consecutive_failures,
-                        "last_error": st.last_error,
-                        // Routing on the last known instances because Consul is not answering.
-                        "stale": st.consecutive_failures > 0,
-                    })
-                }
-                None => json!({"source": "static", "index": b.index, "updates": s.updates.load(Ordering::Relaxed), "stale": false}),
-            };
             json!({
                 "name": s.name,
                 "routes": routes,
@@ -129,6 +146,9 @@ pub fn status(app: &App) -> serde_json::Value {
             "total": app.tunnels.total.load(Ordering::Relaxed),
             "idle_closed": app.tunnels.idle_closed.load(Ordering::Relaxed),
         },
+        "routes": table.entries.len(),
+        "healthy_instances": total,
+        "instances_listed": detailed,
         "services": services,
         "now_ms": crate::dashboard::unix_ms(SystemTime::now()),
         "events": app.history.events().iter().map(|e| json!({
@@ -142,20 +162,46 @@ pub fn status(app: &App) -> serde_json::Value {
     })
 }
 
+/// Above this many instances in all, `/metrics` drops the `instance` and `address` labels:
+/// request counts become one series per service and class (`instance="*"`), and the
+/// per-instance ejection counters are left out.
+pub const METRICS_INSTANCES_MAX: usize = 256;
+
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// All metrics in the Prometheus text exposition format.
 pub fn metrics(app: &App) -> String {
+    let table = app.routes.load();
+    let services: Vec<&std::sync::Arc<crate::service::ServiceState>> =
+        table.services.values().collect();
+    // Per-instance series only while they stay few; above, one series per service.
+    let per_instance = services
+        .iter()
+        .map(|s| s.backends().list.len())
+        .sum::<usize>()
+        <= METRICS_INSTANCES_MAX;
     let mut out = String::with_capacity(4096);
     out.push_str("# HELP balancer_requests_total Requests answered, by service, instance and status class (instance=\"\" for the balancer's own answers).\n# TYPE balancer_requests_total counter\n");
-    for s in &app.services {
+    for s in &services {
         let name = label(&s.name);
-        for be in &s.backends().list {
-            let id = label(&be.instance.id);
-            let addr = label(&be.authority);
+        let backends = s.backends();
+        if per_instance {
+            for be in &backends.list {
+                let id = label(&be.instance.id);
+                let addr = label(&be.authority);
+                for (c, class) in CLASSES.iter().enumerate() {
+                    let n = be.responses[c].load(Ordering::Relaxed);
+                    let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"{id}\",address=\"{addr}\",class=\"{class}\"}} {n}");
+                }
+            }
+        } else {
             for (c, class) in CLASSES.iter().enumerate() {
-                let n = be.responses[c].load(Ordering::Relaxed);
-                let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"{id}\",address=\"{addr}\",class=\"{class}\"}} {n}");
+                let n: u64 = backends
+                    .list
+                    .iter()
+                    .map(|be| be.responses[c].load(Ordering::Relaxed))
+                    .sum();
+                let _ = writeln!(out, "balancer_requests_total{{service=\"{name}\",instance=\"*\",class=\"{class}\"}} {n}");
             }
         }
         for (c, class) in CLASSES.iter().enumerate() {
@@ -168,24 +214,23 @@ pub fn metrics(app: &App) -> String {
     }
     let _ = writeln!(out, "# HELP balancer_unrouted_requests_total Requests that matched no route (404).\n# TYPE balancer_unrouted_requests_total counter\nbalancer_unrouted_requests_total {}", app.no_route.load(Ordering::Relaxed));
     out.push_str("# HELP balancer_request_duration_seconds Time to the response head, by service.\n# TYPE balancer_request_duration_seconds histogram\n");
-    for s in &app.services {
+    for s in &services {
         s.metrics.latency.render(
             &mut out,
             "balancer_request_duration_seconds",
             &format!("service=\"{}\"", label(&s.name)),
         );
     }
-    out.push_str("# HELP balancer_retries_total Extra attempts after a failed one.\n# TYPE balancer_retries_total counter\n");
-    for s in &app.services {
-        let _ = writeln!(
-            out,
-            "balancer_retries_total{{service=\"{}\"}} {}",
-            label(&s.name),
-            s.metrics.retries.load(Ordering::Relaxed)
-        );
-    }
+    per_service(
+        &mut out,
+        &services,
+        "balancer_retries_total",
+        "counter",
+        "Extra attempts after a failed one.",
+        |s| s.metrics.retries.load(Ordering::Relaxed),
+    );
     out.push_str("# HELP balancer_ejections_total Times an instance was ejected after a failed connect.\n# TYPE balancer_ejections_total counter\n");
-    for s in &app.services {
+    for s in services.iter().filter(|_| per_instance) {
         for be in &s.backends().list {
             let _ = writeln!(
                 out,
@@ -196,29 +241,27 @@ pub fn metrics(app: &App) -> String {
             );
         }
     }
-    out.push_str("# HELP balancer_healthy_instances Instances currently routed to.\n# TYPE balancer_healthy_instances gauge\n");
-    for s in &app.services {
-        let _ = writeln!(
-            out,
-            "balancer_healthy_instances{{service=\"{}\"}} {}",
-            label(&s.name),
-            s.backends().list.len()
-        );
-    }
-    out.push_str("# HELP balancer_discovery_updates_total Routing-table updates applied from discovery.\n# TYPE balancer_discovery_updates_total counter\n");
-    for s in &app.services {
-        let _ = writeln!(
-            out,
-            "balancer_discovery_updates_total{{service=\"{}\"}} {}",
-            label(&s.name),
-            s.updates.load(Ordering::Relaxed)
-        );
-    }
+    per_service(
+        &mut out,
+        &services,
+        "balancer_healthy_instances",
+        "gauge",
+        "Instances currently routed to.",
+        |s| s.backends().list.len() as u64,
+    );
+    per_service(
+        &mut out,
+        &services,
+        "balancer_discovery_updates_total",
+        "counter",
+        "Routing-table updates applied from discovery.",
+        |s| s.updates.load(Ordering::Relaxed),
+    );
     out.push_str("# HELP balancer_discovery_last_success_age_seconds Seconds since Consul last answered (-1: never).\n# TYPE balancer_discovery_last_success_age_seconds gauge\n");
     out.push_str("# HELP balancer_discovery_consecutive_errors Failed Consul queries in a row.\n# TYPE balancer_discovery_consecutive_errors gauge\n");
-    for (s, w) in app.services.iter().zip(&app.watches) {
-        if let Some(w) = w {
-            let st = w.status();
+    for s in &services {
+        if let Some(w) = &app.catalog {
+            let st = w.status(&s.name);
             let name = label(&s.name);
             let _ = writeln!(
                 out,
@@ -233,41 +276,53 @@ pub fn metrics(app: &App) -> String {
         }
     }
     let _ = writeln!(out, "# HELP balancer_http1_handoffs_total HTTP/1 connections the fast path handed to the general path (HTTP/1.0, Expect, upgrades, chunked or large uploads).\n# TYPE balancer_http1_handoffs_total counter\nbalancer_http1_handoffs_total {}", app.handoffs.load(Ordering::Relaxed));
-    out.push_str("# HELP balancer_responses_cut_total Responses cut off mid-body after nothing moved for the upstream timeout.\n# TYPE balancer_responses_cut_total counter\n");
-    for s in &app.services {
-        let _ = writeln!(
-            out,
-            "balancer_responses_cut_total{{service=\"{}\"}} {}",
-            label(&s.name),
-            s.metrics.cut.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP balancer_client_aborts_total Requests whose client closed before the answer (nginx's 499); the upstream request was abandoned.\n# TYPE balancer_client_aborts_total counter\n");
-    for s in &app.services {
-        let _ = writeln!(
-            out,
-            "balancer_client_aborts_total{{service=\"{}\"}} {}",
-            label(&s.name),
-            s.metrics.aborted.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP balancer_queued_total Requests that waited for a place at an instance (--max-conns-per-instance).\n# TYPE balancer_queued_total counter\n");
-    out.push_str("# HELP balancer_queue_timeouts_total Requests that found no place within --queue-timeout (503).\n# TYPE balancer_queue_timeouts_total counter\n");
-    for s in &app.services {
-        let name = label(&s.name);
-        let _ = writeln!(
-            out,
-            "balancer_queued_total{{service=\"{name}\"}} {}\nbalancer_queue_timeouts_total{{service=\"{name}\"}} {}",
-            s.metrics.queued.load(Ordering::Relaxed),
-            s.metrics.queue_timeouts.load(Ordering::Relaxed)
-        );
-    }
+    per_service(
+        &mut out,
+        &services,
+        "balancer_responses_cut_total",
+        "counter",
+        "Responses cut off mid-body after nothing moved for the upstream timeout.",
+        |s| s.metrics.cut.load(Ordering::Relaxed),
+    );
+    per_service(&mut out, &services, "balancer_client_aborts_total", "counter", "Requests whose client closed before the answer (nginx's 499); the upstream request was abandoned.", |s| s.metrics.aborted.load(Ordering::Relaxed));
+    per_service(
+        &mut out,
+        &services,
+        "balancer_queued_total",
+        "counter",
+        "Requests that waited for a place at an instance (--max-conns-per-instance).",
+        |s| s.metrics.queued.load(Ordering::Relaxed),
+    );
+    per_service(
+        &mut out,
+        &services,
+        "balancer_queue_timeouts_total",
+        "counter",
+        "Requests that found no place within --queue-timeout (503).",
+        |s| s.metrics.queue_timeouts.load(Ordering::Relaxed),
+    );
     let t = &app.tunnels;
     let _ = writeln!(out, "# HELP balancer_tunnels Upgraded connections (WebSocket) open.\n# TYPE balancer_tunnels gauge\nbalancer_tunnels {}", t.open.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP balancer_tunnels_total Upgraded connections (WebSocket) opened.\n# TYPE balancer_tunnels_total counter\nbalancer_tunnels_total {}", t.total.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP balancer_tunnels_closed_total Upgraded connections the balancer closed, by reason.\n# TYPE balancer_tunnels_closed_total counter\nbalancer_tunnels_closed_total{{reason=\"idle\"}} {}\nbalancer_tunnels_closed_total{{reason=\"shutdown\"}} {}", t.idle_closed.load(Ordering::Relaxed), t.shutdown_closed.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP balancer_connections Client connections open.\n# TYPE balancer_connections gauge\nbalancer_connections {}", app.connections.load(Ordering::Relaxed));
     out
+}
+
+/// One metric with one series per service: its help and type lines, then `name{service=..}
+/// value` for each of `services`.
+fn per_service(
+    out: &mut String,
+    services: &[&Arc<crate::service::ServiceState>],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&crate::service::ServiceState) -> u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for s in services {
+        let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", label(&s.name), value(s));
+    }
 }
 
 fn respond(
@@ -319,8 +374,18 @@ pub fn handle(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/dashboard.js" => page("text/javascript; charset=utf-8", dashboard::PAGE_JS),
         "/dashboard.css" => page("text/css; charset=utf-8", dashboard::PAGE_CSS),
         "/status" => {
-            let body = serde_json::to_vec_pretty(&status(app)).unwrap_or_default();
-            respond(StatusCode::OK, "application/json", body)
+            let only = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("service=")));
+            let st = status(app, only);
+            // Pretty while it is small enough to read; compact past that.
+            let body = if st["instances_listed"] == true {
+                serde_json::to_vec_pretty(&st)
+            } else {
+                serde_json::to_vec(&st)
+            };
+            respond(StatusCode::OK, "application/json", body.unwrap_or_default())
         }
         "/metrics" => respond(
             StatusCode::OK,

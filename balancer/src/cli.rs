@@ -18,15 +18,28 @@ pub struct Args {
     /// Address to accept client requests on.
     #[arg(long, env = "BALANCER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// A Consul service to route to: `web` routes `/`, `api=/api` routes the `/api` prefix
-    /// (longest prefix wins). Repeat for several; comma-separated in the environment.
-    #[arg(
-        long = "service",
-        env = "BALANCER_SERVICES",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// A Consul service to route to: `web` routes `/`; `api=/api` routes the `/api` prefix on
+    /// any host; `shop=shop.example.com/` routes the host `shop.example.com` (any port, any
+    /// case) and `shop=shop.example.com/v1` a prefix on it. Options after commas: `strip`
+    /// removes the route's prefix before forwarding (`ui=/ui,strip`: `/ui/app.js` reaches
+    /// the service as `/app.js`, with `X-Forwarded-Prefix: /ui`), `strip=/path` removes
+    /// `/path`. A route naming the host beats any route without one; the longest prefix wins.
+    /// Repeat for several; comma-separated in the environment. Without any, --tag-routes is on.
+    #[arg(long = "service", env = "BALANCER_SERVICES", value_delimiter = ',')]
     pub services: Vec<String>,
+    /// A file of routes, one `--service` spec per line (`#` starts a comment): how to give
+    /// thousands of routes without thousands of arguments.
+    #[arg(long, env = "BALANCER_SERVICES_FILE")]
+    pub services_file: Option<std::path::PathBuf>,
+    /// Route every service whose passing instances carry route tags (Fabio's syntax:
+    /// `urlprefix-/path`, `urlprefix-host/path`, options after a space such as
+    /// `strip=/path`). On by default when no --service is given. Routes from tags and flags
+    /// share one table; on the same host and prefix the older route wins (flags first).
+    #[arg(long, env = "BALANCER_TAG_ROUTES")]
+    pub tag_routes: bool,
+    /// The prefix of route tags.
+    #[arg(long, env = "BALANCER_TAG_PREFIX", default_value = "urlprefix-")]
+    pub tag_prefix: String,
     /// Address of the admin listener (/status, /metrics, /health); `off` disables it.
     #[arg(long, env = "BALANCER_ADMIN", default_value = "127.0.0.1:8081")]
     pub admin: String,
@@ -111,12 +124,48 @@ pub struct Args {
     pub threads: usize,
 }
 
+/// Puts route options split off by the comma delimiter (`api=/api,strip` arrives as `api=/api`
+/// and `strip`) back on the spec they follow.
+fn rejoin_options(values: &[String]) -> Vec<String> {
+    let mut specs: Vec<String> = Vec::new();
+    for v in values {
+        let v = v.trim();
+        let is_option = v == "strip" || v.starts_with("strip=");
+        match specs.last_mut() {
+            Some(last) if is_option => {
+                last.push(',');
+                last.push_str(v);
+            }
+            _ if v.is_empty() => {}
+            _ => specs.push(v.to_string()),
+        }
+    }
+    specs
+}
+
 /// Runs the balancer with parsed flags until `shutdown` completes; returns the exit code
 /// (64 for bad configuration, 69 when an address cannot be listened on, 70 when the proxy
 /// fails after starting, 71 when the runtime cannot start; see `discovery::cli::EXIT_*`).
 pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
-    let routes: Result<Vec<Route>, _> = cli.services.iter().map(|s| Route::parse(s)).collect();
-    let mut config = match routes.and_then(Config::new) {
+    let mut specs = rejoin_options(&cli.services);
+    if let Some(path) = &cli.services_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => specs.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim())
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string),
+            ),
+            Err(e) => return usage(format!("--services-file {}: {e}", path.display())),
+        }
+    }
+    let tags = cli.tag_routes || specs.is_empty();
+    if tags && cli.tag_prefix.trim().is_empty() {
+        return usage("--tag-prefix must not be empty");
+    }
+    let routes: Result<Vec<Route>, _> = specs.iter().map(|s| Route::parse(s)).collect();
+    let tag_prefix = tags.then(|| cli.tag_prefix.trim().to_string());
+    let mut config = match routes.and_then(|r| Config::with_tags(r, tag_prefix)) {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
@@ -258,4 +307,20 @@ pub fn main(cli: Args, shutdown: impl Future<Output = ()>) -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_go_back_on_their_spec() {
+        let v: Vec<String> = ["web", "ui=/ui", "strip", "api=h/api", "strip=/api", "x"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            rejoin_options(&v),
+            ["web", "ui=/ui,strip", "api=h/api,strip=/api", "x"].map(String::from)
+        );
+    }
 }

@@ -43,12 +43,18 @@ pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// upstream connections one client connection can hold open at once.
 pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 64;
 
-/// One route: requests whose path starts with `prefix` go to Consul service `service`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One route: requests whose path starts with `prefix` (and, when `host` is set, whose
+/// `Host` is `host`) go to Consul service `service`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
     pub service: String,
     /// Starts with `/`; `/` matches everything.
     pub prefix: String,
+    /// Lower case, without a port; `None` matches any host.
+    pub host: Option<String>,
+    /// Removed from the start of the path before forwarding (and sent as
+    /// `X-Forwarded-Prefix`); `None` forwards the path as it came.
+    pub strip: Option<String>,
 }
 
 /// Why a route spec was refused.
@@ -63,44 +69,108 @@ impl fmt::Display for RouteError {
 
 impl std::error::Error for RouteError {}
 
+/// `/api/` and `/api` mean the same route; `/` stays `/`.
+fn normalize_prefix(prefix: &str) -> String {
+    let p = prefix.trim_end_matches('/');
+    if p.is_empty() {
+        "/".into()
+    } else {
+        p.to_string()
+    }
+}
+
+/// Whether `prefix` is a path we can route on: starts with `/`, no query, fragment or space.
+fn valid_prefix(prefix: &str) -> bool {
+    prefix.starts_with('/') && !prefix.contains(['?', '#', ' ', '*'])
+}
+
+/// Lower-cases a host and checks it is a DNS name or an IP literal, without a port.
+fn normalize_host(host: &str) -> Result<String, String> {
+    let host = host.to_ascii_lowercase();
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && (host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if ok {
+        Ok(host)
+    } else {
+        Err(format!(
+            "{host:?} is not a host name (no port, no wildcard: routes match the Host header exactly, ignoring its port)"
+        ))
+    }
+}
+
+/// `[host]/path` → (host, prefix).
+fn split_host_path(route: &str) -> Result<(Option<String>, String), String> {
+    let Some(slash) = route.find('/') else {
+        return Err("a route is /prefix or host/prefix".into());
+    };
+    let (host, path) = route.split_at(slash);
+    if !valid_prefix(path) {
+        return Err("the prefix must be a path starting with '/'".into());
+    }
+    let host = if host.is_empty() {
+        None
+    } else {
+        Some(normalize_host(host)?)
+    };
+    Ok((host, normalize_prefix(path)))
+}
+
+/// A `strip=` value: a path prefix, normalised like a route's.
+fn parse_strip(v: &str) -> Result<String, String> {
+    if !valid_prefix(v) {
+        return Err(format!("strip={v}: expected a path starting with '/'"));
+    }
+    Ok(normalize_prefix(v))
+}
+
 impl Route {
-    /// Parses `web` (routes `/`) or `api=/api` (routes the `/api` prefix).
+    /// Parses a `--service` spec: `NAME` routes `/`; `NAME=/prefix` a path prefix on any
+    /// host; `NAME=host/prefix` a prefix on one host (`NAME=host/` is the host's catch-all).
+    /// Options follow after commas: `strip` removes the route's prefix before forwarding,
+    /// `strip=/path` removes `/path`.
     pub fn parse(spec: &str) -> Result<Self, RouteError> {
-        let (service, prefix) = match spec.split_once('=') {
+        let bad = |why: &str| RouteError(format!("--service {spec:?}: {why}"));
+        let (service, rest) = match spec.split_once('=') {
             Some((s, p)) => (s.trim(), p.trim()),
             None => (spec.trim(), "/"),
         };
         if service.is_empty() {
-            return Err(RouteError(format!(
-                "--service {spec:?}: the service name is empty (use NAME or NAME=/prefix)"
-            )));
+            return Err(bad(
+                "the service name is empty (use NAME or NAME=[host]/prefix[,strip])",
+            ));
         }
         if !service
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         {
-            return Err(RouteError(format!(
-                "--service {spec:?}: {service:?} is not a valid Consul service name"
+            return Err(bad(&format!(
+                "{service:?} is not a valid Consul service name"
             )));
         }
-        if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
-            return Err(RouteError(format!(
-                "--service {spec:?}: the prefix must be a path starting with '/'"
-            )));
+        let mut parts = rest.split(',').map(str::trim);
+        let route = parts.next().unwrap_or("/");
+        let (host, prefix) = split_host_path(route).map_err(|e| bad(&e))?;
+        let mut strip = None;
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "strip" => strip = Some(prefix.clone()),
+                Some(("strip", v)) => strip = Some(parse_strip(v).map_err(|e| bad(&e))?),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {opt:?} (known: strip, strip=/path)"
+                    )))
+                }
+            }
         }
-        // `/api/` and `/api` mean the same route.
-        let prefix = if prefix.len() > 1 {
-            prefix.trim_end_matches('/').to_string()
-        } else {
-            prefix.to_string()
-        };
         Ok(Self {
             service: service.to_string(),
-            prefix: if prefix.is_empty() {
-                "/".into()
-            } else {
-                prefix
-            },
+            prefix,
+            host,
+            strip,
         })
     }
 
@@ -114,6 +184,73 @@ impl Route {
             Some(rest) => rest.is_empty() || rest.starts_with('/'),
             None => false,
         }
+    }
+
+    /// The route as people write it: `host/prefix` or `/prefix`, plus `strip=` when set.
+    pub fn display(&self) -> String {
+        let mut s = format!("{}{}", self.host.as_deref().unwrap_or(""), self.prefix);
+        if let Some(p) = &self.strip {
+            s.push_str(" strip=");
+            s.push_str(p);
+        }
+        s
+    }
+}
+
+/// A route tag that could be read: the route and the options we read but do not support.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRoute {
+    pub route: Route,
+    /// Options ignored, each with why (`proto=tcp`, `redirect=`...).
+    pub ignored: Vec<String>,
+}
+
+/// Reads a Fabio-style route tag of `service`: `PREFIX[host]/path[ opt=value ...]`.
+/// `None` when the tag does not start with `tag_prefix` (not a route tag); `Err` with the
+/// reason when it does but cannot be routed.
+pub fn parse_tag(tag: &str, tag_prefix: &str, service: &str) -> Option<Result<TagRoute, String>> {
+    let body = tag.strip_prefix(tag_prefix)?;
+    Some((|| {
+        let mut words = body.split_whitespace();
+        let route = words.next().ok_or("nothing after the prefix")?;
+        let (host, prefix) = split_host_path(route)?;
+        let mut strip = None;
+        let mut ignored = Vec::new();
+        for w in words {
+            match w.split_once('=') {
+                Some(("strip", v)) => strip = Some(parse_strip(v)?),
+                Some((
+                    k @ ("proto" | "redirect" | "host" | "tlsskipverify" | "allow" | "deny"
+                    | "auth" | "register" | "pxyproto" | "opts"),
+                    _,
+                )) => ignored.push(format!("{w}: option {k} is not supported")),
+                _ => ignored.push(format!("{w}: unknown option")),
+            }
+        }
+        Ok(TagRoute {
+            route: Route {
+                service: service.to_string(),
+                prefix,
+                host,
+                strip,
+            },
+            ignored,
+        })
+    })())
+}
+
+/// The request target with `strip` removed from the start of its path: `/ui/app.js?x` with
+/// `strip=/ui` becomes `/app.js?x`, and `/ui` becomes `/`. A target whose path does not start
+/// with `strip` on a segment boundary is left as it is.
+pub fn strip_target<'a>(target: &'a str, strip: &str) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    if strip == "/" {
+        return Cow::Borrowed(target);
+    }
+    match target.strip_prefix(strip) {
+        Some(rest) if rest.is_empty() || rest.starts_with('?') => Cow::Owned(format!("/{rest}")),
+        Some(rest) if rest.starts_with('/') => Cow::Borrowed(rest),
+        _ => Cow::Borrowed(target),
     }
 }
 
@@ -152,14 +289,31 @@ pub struct Config {
     pub queue_timeout: Duration,
     /// Most requests waiting in the queue of one event loop; more are answered 503 at once.
     pub max_queue: usize,
+    /// Route every service whose passing instances carry tags with this prefix
+    /// (`urlprefix-`); `None` routes the `--service` flags only.
+    pub tag_prefix: Option<String>,
 }
 
 impl Config {
     /// A config with default timeouts for `routes`; fails on duplicate prefixes.
-    pub fn new(mut routes: Vec<Route>) -> Result<Self, RouteError> {
+    pub fn new(routes: Vec<Route>) -> Result<Self, RouteError> {
         if routes.is_empty() {
             return Err(RouteError(
                 "no route: give at least one --service NAME[=/prefix]".into(),
+            ));
+        }
+        Self::with_tags(routes, None)
+    }
+
+    /// A config for `routes` plus, with `tag_prefix`, the routes services announce in
+    /// their tags; without it at least one route is needed. Fails on a route given twice.
+    pub fn with_tags(
+        mut routes: Vec<Route>,
+        tag_prefix: Option<String>,
+    ) -> Result<Self, RouteError> {
+        if routes.is_empty() && tag_prefix.is_none() {
+            return Err(RouteError(
+                "no route: give at least one --service NAME[=/prefix], or --tag-routes".into(),
             ));
         }
         routes.sort_by(|a, b| {
@@ -167,12 +321,19 @@ impl Config {
                 .len()
                 .cmp(&a.prefix.len())
                 .then(a.prefix.cmp(&b.prefix))
+                .then(a.host.cmp(&b.host))
         });
-        for pair in routes.windows(2) {
-            if pair[0].prefix == pair[1].prefix {
+        for (i, a) in routes.iter().enumerate() {
+            if let Some(b) = routes[i + 1..]
+                .iter()
+                .find(|b| b.prefix == a.prefix && b.host == a.host)
+            {
                 return Err(RouteError(format!(
-                    "prefix {} is routed twice ({} and {})",
-                    pair[0].prefix, pair[0].service, pair[1].service
+                    "{}{} is routed twice ({} and {})",
+                    a.host.as_deref().unwrap_or(""),
+                    a.prefix,
+                    a.service,
+                    b.service
                 )));
             }
         }
@@ -196,12 +357,16 @@ impl Config {
             max_conns_per_instance: None,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             max_queue: DEFAULT_MAX_QUEUE,
+            tag_prefix,
         })
     }
 
-    /// The route for `path`: the longest matching prefix.
+    /// The route without a host for `path`: the longest matching prefix. (Requests are
+    /// routed by [`crate::routes::RouteTable::lookup`], which also knows hosts and tags.)
     pub fn route_for(&self, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| r.matches(path))
+        self.routes
+            .iter()
+            .position(|r| r.host.is_none() && r.matches(path))
     }
 }
 
@@ -216,7 +381,9 @@ mod tests {
             Route::parse("web").unwrap(),
             Route {
                 service: "web".into(),
-                prefix: "/".into()
+                prefix: "/".into(),
+                host: None,
+                strip: None,
             }
         );
         assert_eq!(Route::parse("api=/api/").unwrap().prefix, "/api");

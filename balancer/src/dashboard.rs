@@ -32,9 +32,9 @@ const SAMPLES: usize = 61;
 /// Changes kept for the timeline.
 const EVENTS: usize = 100;
 
-/// An instance as the sampler keys it: service index, ID and address (IDs are unique per
+/// An instance as the sampler keys it: service name, ID and address (IDs are unique per
 /// Consul agent only).
-type Key = (usize, String, String);
+type Key = (String, String, String);
 
 /// One look at an instance's counters.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +76,7 @@ struct Inner {
     instances: HashMap<Key, Seen>,
     events: VecDeque<Event>,
     /// Per service: whether discovery was stale at the last look.
-    stale: Vec<bool>,
+    stale: HashMap<String, bool>,
 }
 
 /// The sampler's memory, read by `/status`.
@@ -102,7 +102,7 @@ pub struct Recent {
 /// An instance that left the rotation within the window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
-    pub service: usize,
+    pub service: String,
     pub id: String,
     pub address: String,
     pub at: SystemTime,
@@ -125,16 +125,16 @@ impl History {
         let wall = SystemTime::now();
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
-        inner.stale.resize(app.services.len(), false);
         let mut present: Vec<Key> = Vec::new();
-        for (si, s) in app.services.iter().enumerate() {
+        let table = app.routes.load();
+        for s in table.services.values() {
             let stale = app
-                .watches
-                .get(si)
-                .and_then(Option::as_ref)
-                .is_some_and(|w| w.status().consecutive_failures > 0);
-            if stale != inner.stale[si] {
-                inner.stale[si] = stale;
+                .catalog
+                .as_ref()
+                .is_some_and(|w| w.status(&s.name).consecutive_failures > 0);
+            let was = inner.stale.entry(s.name.clone()).or_insert(false);
+            if stale != *was {
+                *was = stale;
                 push(
                     &mut inner.events,
                     Event {
@@ -147,7 +147,7 @@ impl History {
                 );
             }
             for be in &s.backends().list {
-                let key: Key = (si, be.instance.id.clone(), be.authority.clone());
+                let key: Key = (s.name.clone(), be.instance.id.clone(), be.authority.clone());
                 let sample = Sample {
                     at: now,
                     requests: be.requests(),
@@ -215,7 +215,6 @@ impl History {
                 present.push(key);
             }
         }
-        let services = &app.services;
         let events = &mut inner.events;
         inner.instances.retain(|key, seen| {
             if present.contains(key) {
@@ -226,9 +225,7 @@ impl History {
                     seen.removed = Some((now, wall));
                     let event = |change| Event {
                         at: wall,
-                        service: services
-                            .get(key.0)
-                            .map_or(String::new(), |s| s.name.clone()),
+                        service: key.0.clone(),
                         instance: key.1.clone(),
                         address: key.2.clone(),
                         change,
@@ -250,14 +247,14 @@ impl History {
     /// The last-minute traffic of an instance, with its live counters.
     pub fn recent(
         &self,
-        service: usize,
+        service: &str,
         id: &str,
         address: &str,
         requests: u64,
         failures: u64,
     ) -> Recent {
         let inner = lock(&self.inner);
-        let key: Key = (service, id.to_string(), address.to_string());
+        let key: Key = (service.to_string(), id.to_string(), address.to_string());
         let mut r = Recent::default();
         let Some(seen) = inner.instances.get(&key) else {
             return r;
@@ -295,7 +292,7 @@ impl History {
             .filter_map(|(k, seen)| {
                 let (_, at) = seen.removed?;
                 Some(Removed {
-                    service: k.0,
+                    service: k.0.clone(),
                     id: k.1.clone(),
                     address: k.2.clone(),
                     at,
@@ -360,7 +357,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeline_and_rates_follow_the_counters() {
         let app = App::new(Config::new(vec![Route::parse("web").unwrap()]).unwrap());
-        let web = Arc::clone(&app.services[0]);
+        let web = app.service("web").unwrap();
         web.set_static(vec![inst("a"), inst("b")]);
         let h = &app.history;
         h.sample(&app, true);
@@ -377,7 +374,7 @@ mod tests {
             }
             h.sample(&app, true);
         }
-        let a = h.recent(0, "a", "127.0.0.1:1", 50, 0);
+        let a = h.recent("web", "a", "127.0.0.1:1", 50, 0);
         assert_eq!(a.requests, 50);
         assert!((a.rate - 5.0).abs() < 0.01, "{a:?}");
         assert_eq!(a.per_second, [5; 10]);
@@ -412,13 +409,13 @@ mod tests {
         web.set_static(vec![inst("a"), inst("b")]);
         h.sample(&app, false);
         assert_eq!(changes(h).last().unwrap(), &("b".to_string(), "added"));
-        assert_eq!(h.recent(0, "b", "127.0.0.1:1", 0, 0).requests, 0);
+        assert_eq!(h.recent("web", "b", "127.0.0.1:1", 0, 0).requests, 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_covers_the_last_minute_only() {
         let app = App::new(Config::new(vec![Route::parse("web").unwrap()]).unwrap());
-        let web = Arc::clone(&app.services[0]);
+        let web = app.service("web").unwrap();
         web.set_static(vec![inst("a")]);
         let h = &app.history;
         h.sample(&app, true);
@@ -431,7 +428,7 @@ mod tests {
             h.sample(&app, true);
         }
         let total = web.backends().list[0].requests();
-        let a = h.recent(0, "a", "127.0.0.1:1", total, 0);
+        let a = h.recent("web", "a", "127.0.0.1:1", total, 0);
         assert_eq!(a.requests, 60, "{a:?}");
         assert!((a.rate - 1.0).abs() < 0.05, "{a:?}");
         assert_eq!(a.per_second, [1; 60]);

@@ -26,7 +26,8 @@ pub(crate) struct Request {
     pub(crate) is_head: bool,
     /// Idempotent and bodiless: may be sent again after it may have reached an instance.
     pub(crate) replayable: bool,
-    pub(crate) route: Option<usize>,
+    /// The service of the request's route.
+    pub(crate) route: Option<std::sync::Arc<crate::service::ServiceState>>,
 }
 
 pub(crate) enum Parsed {
@@ -237,11 +238,16 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
     let names = facts.names();
     // A fragment is the client's own business (RFC 9110 §7.1): never sent on.
     let target = target.split_once('#').map_or(target, |(t, _)| t);
+    // Routing (host, path prefix, prefix stripping): `RouteTable::resolve`.
+    let host_value = req.headers.iter().find(|h| eq(h.name.as_bytes(), "host"));
+    let table = app.routes.load();
+    let routed = table.resolve(host_value.map(|h| h.value), target);
+    let strip = routed.as_ref().and_then(|(e, _)| e.route.strip.as_deref());
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(routed.as_ref().map_or(target, |(_, t)| t).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host: Option<&[u8]> = None;
     let mut prior_xff = false;
@@ -256,7 +262,10 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
                 prior_xff |= tokens(h.value).next().is_some();
                 continue;
             }
-            if eq(n, "x-forwarded-proto") || eq(n, "x-forwarded-host") {
+            if eq(n, "x-forwarded-proto")
+                || eq(n, "x-forwarded-host")
+                || (strip.is_some() && eq(n, "x-forwarded-prefix"))
+            {
                 continue;
             }
         }
@@ -289,16 +298,18 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
     if let Some(host) = host {
         write_header(out, b"x-forwarded-host", host);
     }
+    if let Some(prefix) = strip {
+        write_header(out, b"x-forwarded-prefix", prefix.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
 
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
     Parsed::Request(Request {
         head_len,
         body_len,
         close: facts.close,
         is_head: method == "HEAD",
         replayable: body_len == 0 && is_idempotent_method(method),
-        route: app.config.route_for(path),
+        route: routed.map(|(e, _)| std::sync::Arc::clone(&e.service)),
     })
 }
 

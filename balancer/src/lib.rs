@@ -1,14 +1,17 @@
 //! A Consul-aware round-robin reverse proxy.
 //!
-//! For each routed service a discovery watcher (blocking queries on Consul's
-//! `health/service?passing`) keeps a snapshot of healthy instances; requests pick from the
-//! snapshot round robin without locks and are forwarded over pooled keep-alive connections.
-//! When Consul is unreachable the last known instances keep serving.
+//! One catalog watcher (two blocking queries on Consul's `catalog/services` and
+//! `health/state/any`, plus re-reads of the services that changed) keeps a snapshot of every
+//! routed service's healthy instances and one route table (from `--service` flags and
+//! `urlprefix-` tags); requests look both up without locks, pick round robin and are
+//! forwarded over pooled keep-alive connections. When Consul is unreachable the last known
+//! instances keep serving.
 //!
 //! # Layout
 //!
 //! - [`cli`]: the command line (flags, env fallbacks, exit codes).
-//! - [`config`]: routes (`--service web`, `--service api=/api`) and timeouts.
+//! - [`config`]: routes (`--service web`, `--service api=host/api,strip`), route tags, timeouts.
+//! - [`routes`]: the route table snapshot, its lookup, and the router that rebuilds it.
 //! - [`service`]: a service's snapshot and round-robin selection.
 //! - [`upstream`]: instances: connection pool, ejection, counters.
 //! - [`proxy`]: the request path and the one error-to-status mapping.
@@ -33,12 +36,13 @@ mod idle;
 pub mod metrics;
 mod prefixed;
 pub mod proxy;
+pub mod routes;
 pub mod service;
 pub mod tunnel;
 pub mod upstream;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,20 +50,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use discovery::watch::{Watch, WatchOptions};
+use arc_swap::ArcSwap;
+use discovery::watch::catalog::{CatalogOptions, CatalogWatch};
 
 pub use config::{Config, Route};
+use routes::{RouteTable, Router};
 use service::ServiceState;
 
 /// Everything the request path and the admin listener share.
 pub struct App {
     pub config: Config,
-    /// One per distinct service name.
-    pub services: Vec<Arc<ServiceState>>,
-    /// `route_service[i]` is the index in `services` of `config.routes[i]`.
-    pub route_service: Vec<usize>,
-    /// The discovery watcher of each service (same order), `None` for static services.
-    pub watches: Vec<Option<Watch>>,
+    /// Every route and routed service. Swapped whole by the discovery task; read lock-free
+    /// by every request.
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    /// The catalog watcher; `None` without discovery (static services).
+    pub catalog: Option<CatalogWatch>,
+    /// Set once the catalog has been read in full (tag routes are known).
+    pub synced: Arc<AtomicBool>,
     /// Requests that matched no route.
     pub no_route: AtomicU64,
     /// Client connections currently open.
@@ -95,27 +102,12 @@ impl Drop for ClientConn {
 impl App {
     /// Builds the routing state for `config`; services start with no instances.
     pub fn new(config: Config) -> Self {
-        let mut services: Vec<Arc<ServiceState>> = Vec::new();
-        let mut route_service = Vec::with_capacity(config.routes.len());
-        for r in &config.routes {
-            let idx = match services.iter().position(|s| s.name == r.service) {
-                Some(i) => i,
-                None => {
-                    services.push(Arc::new(ServiceState::new(
-                        r.service.clone(),
-                        config.pool_idle_timeout,
-                    )));
-                    services.len() - 1
-                }
-            };
-            route_service.push(idx);
-        }
-        let watches = services.iter().map(|_| None).collect();
+        let routes = Arc::new(ArcSwap::from_pointee(Router::initial(&config)));
         Self {
             config,
-            services,
-            route_service,
-            watches,
+            routes,
+            catalog: None,
+            synced: Arc::new(AtomicBool::new(false)),
             no_route: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
@@ -129,15 +121,19 @@ impl App {
     }
 
     /// The state of service `name`, if routed.
-    pub fn service(&self, name: &str) -> Option<&Arc<ServiceState>> {
-        self.services.iter().find(|s| s.name == name)
+    pub fn service(&self, name: &str) -> Option<Arc<ServiceState>> {
+        self.routes.load().service(name).cloned()
     }
 
-    /// Ready when every service has had an answer from discovery.
+    /// Ready when every `--service` has had an answer from discovery and, with tag routes,
+    /// the catalog has been read once.
     pub fn is_ready(&self) -> bool {
-        self.services
-            .iter()
-            .all(|s| s.ready.load(Ordering::Acquire))
+        let table = self.routes.load();
+        self.config.routes.iter().all(|r| {
+            table
+                .service(&r.service)
+                .is_some_and(|s| s.ready.load(Ordering::Acquire))
+        }) && (self.config.tag_prefix.is_none() || self.synced.load(Ordering::Acquire))
     }
 }
 
@@ -163,40 +159,54 @@ impl std::error::Error for Error {
     }
 }
 
-/// Starts a Consul watcher per service, feeding each service's snapshot. The returned task
-/// handles end when `stop` flips.
+/// Starts the catalog watcher and the task that turns its views into route tables. The
+/// task ends when `stop` flips or the watcher (held by `app`) goes.
 fn start_discovery(
     app: &mut App,
     client: discovery::Client,
     stop: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for (i, svc) in app.services.iter().enumerate() {
-        let opts = WatchOptions {
+    let mut services: Vec<String> = app
+        .config
+        .routes
+        .iter()
+        .map(|r| r.service.clone())
+        .collect();
+    services.sort();
+    services.dedup();
+    let opts = CatalogOptions {
+        services,
+        tag_prefix: app.config.tag_prefix.clone(),
+        timing: discovery::watch::WatchOptions {
             wait: app.config.watch_wait,
-            ..WatchOptions::default()
-        };
-        let w = Watch::spawn(client.clone(), svc.name.clone(), opts);
-        let mut rx = w.snapshots();
-        let state = Arc::clone(svc);
-        let changed = Arc::clone(&app.history.changed);
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let snap = rx.borrow_and_update().clone();
-                if let Some(snap) = snap {
-                    state.apply(&snap);
-                    changed.notify_one();
-                }
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = stop.changed() => return,
-                }
+            ..Default::default()
+        },
+        ..CatalogOptions::default()
+    };
+    let w = CatalogWatch::spawn(client, opts);
+    let mut rx = w.views();
+    app.catalog = Some(w);
+    let mut router = Router::new(&app.config, &app.routes.load());
+    let changed = Arc::clone(&app.history.changed);
+    let (routes, synced) = (Arc::clone(&app.routes), Arc::clone(&app.synced));
+    let mut stop = stop.clone();
+    vec![tokio::spawn(async move {
+        loop {
+            let view = Arc::clone(&rx.borrow_and_update());
+            if let Some(t) = router.apply(&view) {
+                routes.store(Arc::new(t));
+                // The dashboard's sampler looks at once rather than at its next tick.
+                changed.notify_one();
             }
-        }));
-        app.watches[i] = Some(w);
-    }
-    tasks
+            if view.synced {
+                synced.store(true, Ordering::Release);
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    })]
 }
 
 /// Runs the balancer: proxies on `listener`, admin on `admin`, discovery through `client`
@@ -247,7 +257,7 @@ pub async fn run(
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builders = Arc::new((h1, h2));
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
-    tracing::info!(addr = ?listener.local_addr().ok(), routes = ?app.config.routes, "balancer listening");
+    tracing::info!(addr = ?listener.local_addr().ok(), routes = app.config.routes.len(), tag_routes = ?app.config.tag_prefix, "balancer listening");
     // The fast path accepts and serves HTTP/1 on its own thread; what it does not serve
     // comes back here.
     let (handoff_tx, mut handoffs) = tokio::sync::mpsc::unbounded_channel();

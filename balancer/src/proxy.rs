@@ -361,6 +361,36 @@ fn upgrade_asked(req: &Request<Incoming>) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// The service for `req` (`RouteTable::resolve`); with a `strip` route, the request's target
+/// loses the prefix and `X-Forwarded-Prefix` names it.
+fn route<B>(app: &App, req: &mut Request<B>) -> Option<Arc<ServiceState>> {
+    let table = app.routes.load();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let (entry, to) = table.resolve(host, target)?;
+    let service = Arc::clone(&entry.service);
+    if let Some(prefix) = entry.route.strip.as_deref() {
+        let to: Option<http::uri::PathAndQuery> = match to {
+            std::borrow::Cow::Owned(t) => t.parse().ok(),
+            std::borrow::Cow::Borrowed(t) => t.parse().ok(),
+        };
+        let prefix = HeaderValue::from_str(prefix).ok();
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = to;
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        if let Some(p) = prefix {
+            req.headers_mut().insert("x-forwarded-prefix", p);
+        }
+    }
+    Some(service)
+}
+
 /// Handles one client request. Never fails: every failure becomes an answer.
 pub async fn handle(
     app: Arc<App>,
@@ -371,11 +401,10 @@ pub async fn handle(
         return e.into_response();
     }
     let started = Instant::now();
-    let Some(route) = app.config.route_for(req.uri().path()) else {
+    let Some(service) = route(&app, &mut req) else {
         app.no_route.fetch_add(1, Ordering::Relaxed);
         return ProxyError::NoRoute.into_response();
     };
-    let service = Arc::clone(&app.services[app.route_service[route]]);
     // Dropped unanswered when the client goes away first (hyper drops this future then):
     // that is counted, and dropping the upstream request closes its connection.
     let mut abort = AbortWatch {

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
@@ -24,6 +25,8 @@ use crate::wire::{
 
 /// Default agent address, as for every Consul tool.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8500";
+/// Deadline of a connect to the agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of a non-blocking call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to `wait + wait/16` for blocking calls: time for the answer itself to travel.
@@ -153,11 +156,17 @@ pub struct HealthQuery {
     pub wait: Option<Duration>,
 }
 
-/// A typed Consul agent client. Cheap to clone: clones share one connection pool.
+/// The one connection of a [`Client::single_connection`] client, while it is idle.
+type Slot = Arc<tokio::sync::Mutex<Option<http1::SendRequest<Full<Bytes>>>>>;
+
+/// A typed Consul agent client. Cheap to clone: clones share one connection pool (or, for a
+/// [`Client::single_connection`] client, its one connection).
 #[derive(Clone)]
 pub struct Client {
     http: HyperClient<HttpConnector, Full<Bytes>>,
     config: Arc<ClientConfig>,
+    /// Set for a client of one connection.
+    single: Option<Slot>,
 }
 
 impl std::fmt::Debug for Client {
@@ -179,14 +188,79 @@ impl Client {
     pub fn new(config: ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Self {
             http,
             config: Arc::new(config),
+            single: None,
         }
+    }
+
+    /// A client of the same agent that holds at most one connection, and sends its calls
+    /// one at a time over it. A pooled client opens a new connection whenever a call starts
+    /// before the previous call's connection is back in the pool; this one never does, so a
+    /// watcher made of N such clients holds at most N connections to the agent.
+    pub fn single_connection(&self) -> Client {
+        Client {
+            http: self.http.clone(),
+            config: Arc::clone(&self.config),
+            single: Some(Slot::default()),
+        }
+    }
+
+    /// Sends `req` over the one connection of `slot`, opening it when there is none (or the
+    /// old one closed). Calls wait for each other.
+    async fn send_single(
+        &self,
+        slot: &Slot,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Error> {
+        let transport = |e: hyper::Error| Error::Transport(Box::new(e));
+        let mut idle = slot.lock().await;
+        // Taken out while in use: a call cancelled halfway leaves no half-used connection.
+        let mut sender = match idle.take() {
+            Some(mut s) => match s.ready().await {
+                Ok(()) => s,
+                Err(_) => self.connect_one().await?,
+            },
+            None => self.connect_one().await?,
+        };
+        // Origin form, as on any connection to an origin server.
+        if let Some(a) = req.uri().authority() {
+            if let Ok(host) = http::HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = http::Uri::from(pq);
+        }
+        let resp = sender.send_request(req).await.map_err(transport)?;
+        // Back for the next call, whose `ready` waits until this answer has been read.
+        *idle = Some(sender);
+        Ok(resp)
+    }
+
+    async fn connect_one(&self) -> Result<http1::SendRequest<Full<Bytes>>, Error> {
+        let addr = self
+            .config
+            .base_url
+            .strip_prefix("http://")
+            .unwrap_or(&self.config.base_url);
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
+            .map_err(|e| Error::Transport(Box::new(e)))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Transport(Box::new(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     /// A client configured from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN[_FILE]`.
@@ -218,17 +292,20 @@ impl Client {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| Error::Config(format!("bad request URI {uri}: {e}")))?;
         let fut = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| Error::Transport(Box::new(e)))?;
+            let resp = match &self.single {
+                Some(slot) => self.send_single(slot, req).await?,
+                None => self
+                    .http
+                    .request(req)
+                    .await
+                    .map_err(|e| Error::Transport(Box::new(e)))?,
+            };
             let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(Error::Transport)?
-                .to_bytes();
+            let len = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            let body = read_body(body, len).await?;
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
@@ -264,10 +341,47 @@ impl Client {
     async fn blocking<T: DeserializeOwned>(
         &self,
         path: &str,
-        mut query: String,
+        query: String,
         index: u64,
         wait: Option<Duration>,
     ) -> Result<(T, QueryMeta), Error> {
+        let (value, meta) = self.blocking_read(path, query, index, wait, false).await?;
+        // Only `None` when asked to skip unchanged answers.
+        value
+            .map(|v| (v, meta))
+            .ok_or(Error::Timeout(Duration::ZERO))
+    }
+
+    /// [`Client::blocking`], but an answer at the index the query blocked on (the wait ran out
+    /// with nothing new) is not decoded when `skip_unchanged`: `None`, as the caller has that
+    /// data already. Renewing a blocking query on a large answer then costs the transfer only.
+    async fn blocking_read<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: String,
+        index: u64,
+        wait: Option<Duration>,
+        skip_unchanged: bool,
+    ) -> Result<(Option<T>, QueryMeta), Error> {
+        let (body, meta) = self
+            .blocking_bytes(path, query, index, wait, skip_unchanged)
+            .await?;
+        let value = match body {
+            Some(b) => Some(serde_json::from_slice(&b).map_err(Error::Decode)?),
+            None => None,
+        };
+        Ok((value, meta))
+    }
+
+    /// [`Client::blocking_read`] without the decoding: the answer's body.
+    async fn blocking_bytes(
+        &self,
+        path: &str,
+        mut query: String,
+        index: u64,
+        wait: Option<Duration>,
+        skip_unchanged: bool,
+    ) -> Result<(Option<Bytes>, QueryMeta), Error> {
         let mut timeout = self.config.timeout;
         if index > 0 {
             let wait = wait.unwrap_or(DEFAULT_WAIT);
@@ -280,8 +394,10 @@ impl Client {
         };
         let a = self.call(Method::GET, &pq, None, timeout).await?;
         let meta = query_meta(&a.headers);
-        let value = serde_json::from_slice(&a.body).map_err(Error::Decode)?;
-        Ok((value, meta))
+        if skip_unchanged && index > 0 && meta.index == index {
+            return Ok((None, meta));
+        }
+        Ok((Some(a.body), meta))
     }
 
     /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent, so a
@@ -396,6 +512,50 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`): every check in
+    /// that state, blocking when `index > 0`; `None` when the answer is at `index` (nothing
+    /// changed: it is not decoded). Rows decode into the caller's `T`, so a watcher that needs
+    /// a few fields of ten thousand checks allocates only those.
+    pub async fn health_state_changed<T: DeserializeOwned>(
+        &self,
+        state: &str,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(Option<Vec<T>>, QueryMeta), Error> {
+        let path = format!("/v1/health/state/{}", enc(state));
+        self.blocking_read(&path, String::new(), index, wait, true)
+            .await
+    }
+
+    /// [`Client::health_state_changed`] undecoded: the JSON body, for a caller that decodes
+    /// it borrowing from the body rather than into owned strings.
+    pub async fn health_state_raw(
+        &self,
+        state: &str,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<(Option<Bytes>, QueryMeta), Error> {
+        let path = format!("/v1/health/state/{}", enc(state));
+        self.blocking_bytes(&path, String::new(), index, wait, true)
+            .await
+    }
+
+    /// [`Client::catalog_services`], `None` when the answer is at `index` (not decoded).
+    pub async fn catalog_services_changed(
+        &self,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> Result<
+        (
+            Option<std::collections::BTreeMap<String, Vec<String>>>,
+            QueryMeta,
+        ),
+        Error,
+    > {
+        self.blocking_read("/v1/catalog/services", String::new(), index, wait, true)
+            .await
+    }
+
     /// `GET /v1/agent/service/:id`; `Ok(None)` when the agent does not know the ID (404), which
     /// is how a worker notices that a restarted agent lost its registration.
     pub async fn agent_service(&self, service_id: &str) -> Result<Option<AgentService>, Error> {
@@ -442,6 +602,25 @@ impl Client {
     pub async fn status_leader(&self) -> Result<String, Error> {
         self.read("/v1/status/leader").await
     }
+}
+
+/// Reads a whole answer into one buffer sized by its `Content-Length`: a large answer
+/// (`health/state/any` of 10,000 checks is megabytes) is copied once, each piece freed as it
+/// is copied, rather than held in pieces and then copied whole.
+async fn read_body(mut body: hyper::body::Incoming, len: Option<usize>) -> Result<Bytes, Error> {
+    let mut buf = Vec::with_capacity(len.unwrap_or(0).min(MAX_BODY));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::Transport(Box::new(e)))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BODY {
+                return Err(Error::Transport(
+                    format!("answer larger than {MAX_BODY} bytes").into(),
+                ));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn query_meta(headers: &HeaderMap) -> QueryMeta {

@@ -17,6 +17,9 @@
 //! Consumers read [`Watch::snapshots`] (a `tokio::sync::watch` receiver, so the data path reads
 //! an `Arc` without a lock) and [`Watch::status`] for the watcher's own health.
 //!
+//! [`catalog::CatalogWatch`] follows many services at once through a fixed number of
+//! connections, on the same rules.
+//!
 //! The small helpers at the bottom (stop signal, sleeping, backoff) are shared with
 //! [`crate::register`].
 
@@ -33,6 +36,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::client::{Client, HealthQuery};
 use crate::error::{chain, Error};
 use crate::Instance;
+
+pub mod catalog;
 
 /// Default longest time one blocking query waits for a change.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);

@@ -361,6 +361,18 @@ pub async fn request(
     path: &str,
     body: &str,
 ) -> Result<Resp, String> {
+    request_to(addr, &addr.to_string(), method, path, body).await
+}
+
+/// [`request`] with `Host: host`.
+pub async fn request_to(
+    addr: SocketAddr,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Result<Resp, String> {
+    let host = host.to_string();
     let body = Bytes::from(body.to_string());
     let path = path.to_string();
     let exchange = async move {
@@ -376,7 +388,7 @@ pub async fn request(
         let req = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, addr.to_string())
+            .header(header::HOST, host)
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         let resp = sender

@@ -263,11 +263,10 @@ impl Engine {
     pub(super) fn start(&mut self, key: usize, c: &mut Client, req: &Request) -> Option<Step> {
         let app = Arc::clone(&self.app);
         let close = req.close || self.stopping;
-        let Some(route) = req.route else {
+        let Some(service) = req.route.clone() else {
             app.no_route.fetch_add(1, Ordering::Relaxed);
             return self.answer_local(c, &ProxyError::NoRoute, req.is_head, close);
         };
-        let service = Arc::clone(&app.services[app.route_service[route]]);
         let backends = service.backends();
         if backends.list.is_empty() {
             let e = ProxyError::NoHealthyInstance {
