@@ -127,6 +127,18 @@ impl History {
         let inner = &mut *inner;
         let mut present: Vec<Key> = Vec::new();
         let table = app.routes.load();
+        // Past the point where `/status` lists instances, nobody sees per-instance history:
+        // keep none, so that a balancer fronting thousands of instances pays nothing for the
+        // page (the timeline then records the services' stale and fresh changes only).
+        let total: usize = table
+            .services
+            .values()
+            .map(|s| s.backends().list.len())
+            .sum();
+        let detailed = total <= crate::admin::STATUS_INSTANCES_MAX;
+        if !detailed {
+            inner.instances.clear();
+        }
         for s in table.services.values() {
             let stale = app
                 .catalog
@@ -145,6 +157,9 @@ impl History {
                         change: if stale { "stale" } else { "fresh" },
                     },
                 );
+            }
+            if !detailed {
+                continue;
             }
             for be in &s.backends().list {
                 let key: Key = (s.name.clone(), be.instance.id.clone(), be.authority.clone());
@@ -352,6 +367,29 @@ mod tests {
             .rev()
             .map(|e| (e.instance, e.change))
             .collect()
+    }
+
+    /// Past the number of instances `/status` lists, the sampler keeps no per-instance
+    /// history at all (its cost at thousands of instances: memory and a core's tenth).
+    #[test]
+    fn no_per_instance_history_at_scale() {
+        let app = App::new(Config::new(vec![Route::parse("web").unwrap()]).unwrap());
+        let web = app.service("web").unwrap();
+        let many: Vec<_> = (0..=crate::admin::STATUS_INSTANCES_MAX)
+            .map(|i| inst(&format!("i{i}")))
+            .collect();
+        web.set_static(many);
+        app.history.sample(&app, true);
+        assert!(app.history.events().is_empty());
+        assert_eq!(
+            app.history
+                .recent("web", "i0", "127.0.0.1:1", 5, 0)
+                .requests,
+            0
+        );
+        web.set_static(vec![inst("a")]);
+        app.history.sample(&app, true);
+        assert_eq!(changes(&app.history), [("a".to_string(), "added")]);
     }
 
     #[tokio::test(start_paused = true)]
