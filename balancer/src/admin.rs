@@ -34,11 +34,7 @@ pub const STATUS_INSTANCES_MAX: usize = 256;
 pub fn status(app: &App, only: Option<&str>) -> serde_json::Value {
     let removed = app.history.removed();
     let table = app.routes.load();
-    let total: usize = table
-        .services
-        .values()
-        .map(|s| s.backends().list.len())
-        .sum();
+    let total = table.instance_count();
     let detailed = only.is_some() || total <= STATUS_INSTANCES_MAX;
     let services: Vec<_> = table
         .services
@@ -175,11 +171,7 @@ pub fn metrics(app: &App) -> String {
     let services: Vec<&std::sync::Arc<crate::service::ServiceState>> =
         table.services.values().collect();
     // Per-instance series only while they stay few; above, one series per service.
-    let per_instance = services
-        .iter()
-        .map(|s| s.backends().list.len())
-        .sum::<usize>()
-        <= METRICS_INSTANCES_MAX;
+    let per_instance = table.instance_count() <= METRICS_INSTANCES_MAX;
     let mut out = String::with_capacity(4096);
     out.push_str("# HELP balancer_requests_total Requests answered, by service, instance and status class (instance=\"\" for the balancer's own answers).\n# TYPE balancer_requests_total counter\n");
     for s in &services {

@@ -130,12 +130,7 @@ impl History {
         // Past the point where `/status` lists instances, nobody sees per-instance history:
         // keep none, so that a balancer fronting thousands of instances pays nothing for the
         // page (the timeline then records the services' stale and fresh changes only).
-        let total: usize = table
-            .services
-            .values()
-            .map(|s| s.backends().list.len())
-            .sum();
-        let detailed = total <= crate::admin::STATUS_INSTANCES_MAX;
+        let detailed = table.instance_count() <= crate::admin::STATUS_INSTANCES_MAX;
         if !detailed {
             inner.instances.clear();
         }

@@ -55,6 +55,14 @@ pub struct Conflict {
 }
 
 impl RouteTable {
+    /// Healthy instances over every routed service.
+    pub fn instance_count(&self) -> usize {
+        self.services
+            .values()
+            .map(|s| s.backends().list.len())
+            .sum()
+    }
+
     /// Builds the table from `candidates`; on a conflict the lower `seq` wins.
     pub fn build(mut candidates: Vec<RouteEntry>) -> (Self, Vec<Conflict>) {
         candidates.sort_by_key(|e| e.seq);
@@ -388,11 +396,7 @@ impl Router {
             tracing::info!(
                 routes = new.entries.len(),
                 services = new.services.len(),
-                instances = new
-                    .services
-                    .values()
-                    .map(|s| s.backends().list.len())
-                    .sum::<usize>(),
+                instances = new.instance_count(),
                 "routes ready"
             );
         }
