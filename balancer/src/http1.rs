@@ -226,7 +226,7 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
         return Parsed::Handoff;
     }
     // Chunked uploads, `Expect` and upgrades: hyper's.
-    if facts.too_many_names || facts.transfer_encoding || facts.expect || facts.upgrade_request() {
+    if facts.too_many_names || facts.codings.present() || facts.expect || facts.upgrade_request() {
         return Parsed::Handoff;
     }
     let length = facts.length;
@@ -275,9 +275,7 @@ pub(crate) fn parse_request(buf: &[u8], app: &App, peer: &Peer, out: &mut Vec<u8
         write_header(out, n, h.value);
     }
     if let Some(len) = length {
-        out.extend_from_slice(b"content-length: ");
-        push_decimal(out, len);
-        out.extend_from_slice(b"\r\n");
+        write_length(out, len);
     }
     // Earlier hops may have sent several X-Forwarded-For lines: one line, all in order.
     out.extend_from_slice(b"x-forwarded-for: ");
@@ -354,7 +352,7 @@ pub(crate) fn parse_response(
         facts.keep_alive && !facts.close
     };
     let (transfer_encoding, chunked, length) =
-        (facts.transfer_encoding, facts.chunked, facts.length);
+        (facts.codings.present(), facts.codings.chunked, facts.length);
     let framing = if is_head || status == 204 || status == 304 {
         Framing::Empty
     } else if transfer_encoding {
@@ -396,9 +394,7 @@ pub(crate) fn parse_response(
         write_header(out, n, h.value);
     }
     if let (false, Some(len)) = (transfer_encoding, length) {
-        out.extend_from_slice(b"content-length: ");
-        push_decimal(out, len);
-        out.extend_from_slice(b"\r\n");
+        write_length(out, len);
     }
     if close || framing == Framing::Close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -410,6 +406,13 @@ pub(crate) fn parse_response(
         framing,
         keep_alive,
     }))
+}
+
+/// The one `Content-Length` line of a head the balancer writes.
+fn write_length(out: &mut Vec<u8>, len: u64) {
+    out.extend_from_slice(b"content-length: ");
+    push_decimal(out, len);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -434,9 +437,6 @@ struct HeadFacts<'a> {
     length: Option<u64>,
     /// A `Content-Length` that is not a number, or two that differ.
     bad_length: bool,
-    transfer_encoding: bool,
-    /// Chunked is the last transfer coding (RFC 9112 §6.3).
-    chunked: bool,
     upgrade_header: bool,
     expect: bool,
     /// The `Transfer-Encoding` lines, as a request must have them.
@@ -475,14 +475,20 @@ impl Codings {
         }
     }
 
+    /// Whether the message has a `Transfer-Encoding` at all.
+    pub(crate) fn present(&self) -> bool {
+        self.lines > 0
+    }
+
     /// Whether a request with these codings (and a `Content-Length`, if `length`) has one
     /// reading of its body (RFC 9112 §6.1, §6.3): exactly one line, `chunked` once and last,
-    /// no length beside it. Other codings before `chunked` are not served (501).
-    pub(crate) fn request_verdict(&self, length: bool) -> Result<(), StatusCode> {
+    /// no length beside it, not in HTTP/1.0 (which has no transfer codings: such framing is
+    /// faulty). Other codings before `chunked` are not served (501).
+    pub(crate) fn request_verdict(&self, length: bool, http10: bool) -> Result<(), StatusCode> {
         if self.lines == 0 {
             return Ok(());
         }
-        if length || !self.chunked || self.chunked_early || self.lines > 1 {
+        if length || http10 || !self.chunked || self.chunked_early || self.lines > 1 {
             return Err(StatusCode::BAD_REQUEST);
         }
         if self.other {
@@ -503,8 +509,6 @@ impl<'a> HeadFacts<'a> {
             too_many_names: false,
             length: None,
             bad_length: false,
-            transfer_encoding: false,
-            chunked: false,
             upgrade_header: false,
             expect: false,
             codings: Codings::default(),
@@ -536,9 +540,7 @@ impl<'a> HeadFacts<'a> {
                     _ => f.bad_length = true,
                 }
             } else if eq(n, "transfer-encoding") {
-                f.transfer_encoding = true;
                 f.codings.add(h.value);
-                f.chunked = f.codings.chunked;
             } else if eq(n, "host") {
                 f.hosts += 1;
             } else if eq(n, "upgrade") {
@@ -561,15 +563,14 @@ impl<'a> HeadFacts<'a> {
         } else {
             self.hosts <= 1
         };
-        // HTTP/1.0 has no transfer codings: such a message's framing is faulty (§6.1).
-        if !hosts_ok || self.bad_length || (!http11 && self.transfer_encoding) {
+        if !hosts_ok || self.bad_length {
             return Err(StatusCode::BAD_REQUEST);
         }
-        self.codings.request_verdict(self.length.is_some())
+        self.codings.request_verdict(self.length.is_some(), !http11)
     }
 
     /// The request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
-    pub(crate) fn upgrade_request(&self) -> bool {
+    fn upgrade_request(&self) -> bool {
         self.upgrade && self.upgrade_header
     }
 

@@ -325,19 +325,12 @@ fn check_request(req: &Request<Incoming>) -> Result<(), ProxyError> {
             "exactly one Host header is required\n",
         );
     }
-    if h.contains_key(header::TRANSFER_ENCODING)
-        && (h.contains_key(header::CONTENT_LENGTH) || req.version() == http::Version::HTTP_10)
-    {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "Transfer-Encoding beside Content-Length, or in HTTP/1.0\n",
-        );
-    }
     let mut codings = crate::http1::Codings::default();
     for v in h.get_all(header::TRANSFER_ENCODING) {
         codings.add(v.as_bytes());
     }
-    if let Err(status) = codings.request_verdict(false) {
+    let length = h.contains_key(header::CONTENT_LENGTH);
+    if let Err(status) = codings.request_verdict(length, req.version() == http::Version::HTTP_10) {
         return refuse(status, "unsupported or ambiguous Transfer-Encoding\n");
     }
     Ok(())
@@ -415,7 +408,7 @@ pub async fn handle(
         proto,
         client: hyper::upgrade::on(&mut req),
     });
-    let result = forward(&app, &service, req, &conn.peer, upgrade, conn).await;
+    let result = forward(&app, &service, req, upgrade, conn).await;
     abort.service = None;
     service.metrics.latency.observe(started.elapsed());
     match result {
@@ -614,7 +607,6 @@ async fn forward(
     app: &Arc<App>,
     service: &Arc<ServiceState>,
     req: Request<Incoming>,
-    peer: &Peer,
     mut upgrade: Option<Upgrade>,
     client: &Arc<ClientConn>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -625,7 +617,7 @@ async fn forward(
         });
     }
     let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, peer);
+    prepare(&mut parts, &client.peer);
     if !body.is_end_stream() && body.size_hint().exact().is_none() {
         // A body of unknown length (chunked from the client) goes on chunked: said outright,
         // since hyper's client sends no body at all for a `GET` or `HEAD` without it.
@@ -787,9 +779,7 @@ async fn forward(
             }
             Err(_) if first_byte.is_some() => {
                 backend.failures.fetch_add(1, Ordering::Relaxed);
-                backend.clear_pool();
-                backend.record_connect_failure();
-                tracing::warn!(service = %service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                backend.record_silence(&service.name);
                 last_error = Some(format!(
                     "{}: no first byte within the first-byte timeout",
                     backend.authority

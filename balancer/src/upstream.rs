@@ -144,11 +144,10 @@ pub fn is_local_resource_error(e: &std::io::Error) -> bool {
     const ENOBUFS: i32 = 105;
     const ENOMEM: i32 = 12;
     const EADDRNOTAVAIL: i32 = 99;
-    e.kind() == std::io::ErrorKind::AddrNotAvailable
-        || matches!(
-            e.raw_os_error(),
-            Some(EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL)
-        )
+    matches!(
+        e.raw_os_error(),
+        Some(EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL)
+    )
 }
 
 impl std::error::Error for ConnectError {
@@ -294,6 +293,15 @@ impl Backend {
     /// Requests at the instance now (counted only under `--max-conns-per-instance`).
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// An attempt had no first answer byte within `--first-byte-timeout`: most likely a dead
+    /// link or a hung process, so its pooled connections are not trusted either, and it sits
+    /// out a cool-off as after a failed connect. Both request paths call this.
+    pub fn record_silence(&self, service: &str) {
+        self.clear_pool();
+        self.record_connect_failure();
+        tracing::warn!(%service, instance = %self.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
     }
 
     /// Drops every pooled connection (the instance restarted or closed them).

@@ -597,11 +597,7 @@ impl Engine {
                 return self.fail(c, &e);
             }
             Failure::FirstByte => {
-                // Most likely a dead link or a hung instance: its pooled sockets are not
-                // trusted either, and it sits out a cool-off as after a failed connect.
-                backend.clear_pool();
-                backend.record_connect_failure();
-                tracing::warn!(service = %x.service.name, instance = %backend.instance.id, "no first byte within the first-byte timeout; instance ejected for a cool-off");
+                backend.record_silence(&x.service.name);
                 x.note_failure(&backend, "no first byte within the first-byte timeout");
                 if attempts.may_resend(x.replayable, &backend, &attempt, false) {
                     return self.next_attempt(key, c);
