@@ -374,6 +374,7 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
     tokio::time::sleep(idle).await;
     let idle_cpu = (cpu_ticks(pid) - c0) as f64 / clock_ticks() as f64 / t0.elapsed().as_secs_f64();
     let conns_idle = connections_to(pid, b.agent_port);
+    let hwm_idle = proc_field(pid, "VmHWM:");
 
     // One more instance in one service, 20 times: from the registration until routed.
     let mut lat = Vec::new();
@@ -397,10 +398,9 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
         }
     }
     lat.sort();
-    let (status_len, _) = match get(b, admin, "/status").await {
-        Some((_, body)) => (body.len(), ()),
-        None => (0, ()),
-    };
+    let hwm_changes = proc_field(pid, "VmHWM:");
+    let status_len = get(b, admin, "/status").await.map_or(0, |(_, s)| s.len());
+    let hwm_status = proc_field(pid, "VmHWM:");
     let metrics_len = get(b, admin, "/metrics").await.map_or(0, |(_, m)| m.len());
     let peak = proc_field(pid, "VmHWM:");
 
@@ -416,6 +416,12 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
     println!(
         "peak after one request to every route    {} MiB",
         hwm_routed / 1024
+    );
+    println!(
+        "peak after idle / {TRIES} changes / /status  {} / {} / {} MiB",
+        hwm_idle / 1024,
+        hwm_changes / 1024,
+        hwm_status / 1024
     );
     println!(
         "resident memory then / peak             {} MiB / {} MiB (target < 50 MB)",

@@ -178,7 +178,6 @@ impl std::fmt::Debug for Client {
 }
 
 struct Answer {
-    status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
 }
@@ -280,6 +279,39 @@ impl Client {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Answer, Error> {
+        let mut buf = Vec::new();
+        let into = &mut buf;
+        let headers = self
+            .exchange(method, path_and_query, body, timeout, move |h| {
+                into.reserve(content_length(h).unwrap_or(0).min(MAX_BODY));
+                Some(move |chunk: &[u8]| {
+                    into.extend_from_slice(chunk);
+                    Ok(())
+                })
+            })
+            .await?;
+        Ok(Answer {
+            headers,
+            body: Bytes::from(buf),
+        })
+    }
+
+    /// Sends a request and hands a 200 answer's body, chunk by chunk as it arrives, to the
+    /// sink `pick` chooses from the answer's headers (`None`: the body is read and dropped, so
+    /// the connection stays usable). Any other status is an error carrying the body. The
+    /// deadline covers the whole body.
+    async fn exchange<P, S>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+        pick: P,
+    ) -> Result<HeaderMap, Error>
+    where
+        P: FnOnce(&HeaderMap) -> Option<S>,
+        S: FnMut(&[u8]) -> Result<(), Error>,
+    {
         let uri = format!("{}{}", self.config.base_url, path_and_query);
         let mut req = Request::builder().method(method).uri(&uri);
         if let Some(token) = &self.config.token {
@@ -300,28 +332,35 @@ impl Client {
                     .await
                     .map_err(|e| Error::Transport(Box::new(e)))?,
             };
-            let (parts, body) = resp.into_parts();
-            let len = parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-            let body = read_body(body, len).await?;
-            Ok(Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            let (parts, mut body) = resp.into_parts();
+            if parts.status != StatusCode::OK {
+                let text = read_body(body, content_length(&parts.headers)).await?;
+                return Err(Error::Status {
+                    status: parts.status.as_u16(),
+                    body: String::from_utf8_lossy(&text).into_owned(),
+                });
+            }
+            let mut sink = pick(&parts.headers);
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| Error::Transport(Box::new(e)))?;
+                if let Ok(data) = frame.into_data() {
+                    total += data.len();
+                    if total > MAX_BODY {
+                        return Err(Error::Transport(
+                            format!("answer larger than {MAX_BODY} bytes").into(),
+                        ));
+                    }
+                    if let Some(sink) = sink.as_mut() {
+                        sink(&data)?;
+                    }
+                }
+            }
+            Ok(parts.headers)
         };
-        let answer = tokio::time::timeout(timeout, fut)
+        tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| Error::Timeout(timeout))??;
-        if answer.status != StatusCode::OK {
-            return Err(Error::Status {
-                status: answer.status.as_u16(),
-                body: String::from_utf8_lossy(&answer.body).into_owned(),
-            });
-        }
-        Ok(answer)
+            .map_err(|_| Error::Timeout(timeout))?
     }
 
     async fn write(&self, path_and_query: &str, body: Option<Vec<u8>>) -> Result<(), Error> {
@@ -377,11 +416,52 @@ impl Client {
     async fn blocking_bytes(
         &self,
         path: &str,
-        mut query: String,
+        query: String,
         index: u64,
         wait: Option<Duration>,
         skip_unchanged: bool,
     ) -> Result<(Option<Bytes>, QueryMeta), Error> {
+        let (pq, timeout) = self.blocking_target(path, query, index, wait);
+        let a = self.call(Method::GET, &pq, None, timeout).await?;
+        let meta = query_meta(&a.headers);
+        if skip_unchanged && index > 0 && meta.index == index {
+            return Ok((None, meta));
+        }
+        Ok((Some(a.body), meta))
+    }
+
+    /// A blocking read whose body goes to `sink` chunk by chunk as it arrives, never held
+    /// whole: for answers of megabytes that the caller only reduces. An answer at `index`
+    /// (the wait ran out with nothing new) is not handed over: `false`.
+    async fn blocking_stream(
+        &self,
+        path: &str,
+        query: String,
+        index: u64,
+        wait: Option<Duration>,
+        sink: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(bool, QueryMeta), Error> {
+        let (pq, timeout) = self.blocking_target(path, query, index, wait);
+        let mut fed = false;
+        let fed_flag = &mut fed;
+        let headers = self
+            .exchange(Method::GET, &pq, None, timeout, move |h| {
+                let unchanged = index > 0 && query_meta(h).index == index;
+                *fed_flag = !unchanged;
+                (!unchanged).then_some(sink)
+            })
+            .await?;
+        Ok((fed, query_meta(&headers)))
+    }
+
+    /// The path and query of a blocking read at `index`, and its deadline.
+    fn blocking_target(
+        &self,
+        path: &str,
+        mut query: String,
+        index: u64,
+        wait: Option<Duration>,
+    ) -> (String, Duration) {
         let mut timeout = self.config.timeout;
         if index > 0 {
             let wait = wait.unwrap_or(DEFAULT_WAIT);
@@ -392,12 +472,7 @@ impl Client {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        let a = self.call(Method::GET, &pq, None, timeout).await?;
-        let meta = query_meta(&a.headers);
-        if skip_unchanged && index > 0 && meta.index == index {
-            return Ok((None, meta));
-        }
-        Ok((Some(a.body), meta))
+        (pq, timeout)
     }
 
     /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent, so a
@@ -527,16 +602,18 @@ impl Client {
             .await
     }
 
-    /// [`Client::health_state_changed`] undecoded: the JSON body, for a caller that decodes
-    /// it borrowing from the body rather than into owned strings.
-    pub async fn health_state_raw(
+    /// [`Client::health_state_changed`] undecoded and never held whole: the JSON body goes
+    /// to `sink` chunk by chunk as it arrives, for a caller that reduces ten thousand checks
+    /// to a few numbers. `false` when the answer is at `index` (the sink saw nothing).
+    pub async fn health_state_stream(
         &self,
         state: &str,
         index: u64,
         wait: Option<Duration>,
-    ) -> Result<(Option<Bytes>, QueryMeta), Error> {
+        sink: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(bool, QueryMeta), Error> {
         let path = format!("/v1/health/state/{}", enc(state));
-        self.blocking_bytes(&path, String::new(), index, wait, true)
+        self.blocking_stream(&path, String::new(), index, wait, sink)
             .await
     }
 
@@ -607,6 +684,12 @@ impl Client {
 /// Reads a whole answer into one buffer sized by its `Content-Length`: a large answer
 /// (`health/state/any` of 10,000 checks is megabytes) is copied once, each piece freed as it
 /// is copied, rather than held in pieces and then copied whole.
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+}
+
 async fn read_body(mut body: hyper::body::Incoming, len: Option<usize>) -> Result<Bytes, Error> {
     let mut buf = Vec::with_capacity(len.unwrap_or(0).min(MAX_BODY));
     while let Some(frame) = body.frame().await {

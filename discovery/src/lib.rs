@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod duration;
 pub mod error;
+pub mod json_rows;
 pub mod register;
 pub mod serve;
 pub mod watch;

@@ -49,6 +49,116 @@ async fn an_unchanged_blocking_answer_is_not_decoded() {
     assert!(cat.is_none());
 }
 
+#[tokio::test]
+async fn a_streamed_health_answer_folds_to_the_prints_of_the_whole_answer() {
+    use discovery::watch::catalog::{fingerprints, CheckRow, FingerprintFold};
+    let agent = Agent::start_quick().await;
+    let c = agent.client();
+    for i in 0..50 {
+        let mut r = tagged(&format!("s{i}"), &format!("svc{}", i % 7), "urlprefix-/x");
+        r.check = Some(discovery::wire::CheckDefinition {
+            ttl: Some("1h".into()),
+            status: Some(if i % 3 == 0 { "critical" } else { "passing" }.into()),
+            ..Default::default()
+        });
+        c.register(&r).await.unwrap();
+    }
+    let whole = agent.get("/v1/health/state/any").await;
+    let rows: Vec<CheckRow> = serde_json::from_slice(whole.body.as_bytes()).unwrap();
+    let mut fold = FingerprintFold::default();
+    let mut chunks = 0;
+    let (fed, meta) = c
+        .health_state_stream("any", 0, None, |chunk| {
+            chunks += 1;
+            fold.feed(chunk)
+        })
+        .await
+        .unwrap();
+    assert!(fed && chunks > 0);
+    assert_eq!(meta.index, whole.index());
+    let prints = fold.finish().unwrap();
+    assert_eq!(prints.len(), 7);
+    assert_eq!(prints, fingerprints(&rows));
+    // At the same index after the wait: nothing handed over.
+    let (fed, _) = c
+        .health_state_stream("any", meta.index, Some(Duration::from_millis(50)), |_| {
+            panic!("an unchanged answer reached the sink")
+        })
+        .await
+        .unwrap();
+    assert!(!fed);
+}
+
+/// An agent (or something in its place) that answers every request with `answer`.
+async fn canned_agent(answer: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+                // Shut without waiting for another request.
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_cut_or_malformed_health_answer_is_an_error_not_fewer_checks() {
+    use discovery::watch::catalog::FingerprintFold;
+    let row = r#"{"CheckID":"service:a","Status":"passing","ServiceID":"a","ServiceName":"a","ModifyIndex":3}"#;
+    let answers: [&'static [u8]; 4] = [
+        // The body ends before its length: the connection closes mid-answer.
+        b"HTTP/1.1 200 OK\r\nX-Consul-Index: 9\r\nContent-Length: 500\r\n\r\n[{\"CheckID\":\"x\"}",
+        // A whole body that is not an array of rows.
+        b"HTTP/1.1 200 OK\r\nX-Consul-Index: 9\r\nContent-Length: 2\r\n\r\n{}",
+        // An array left open.
+        b"HTTP/1.1 200 OK\r\nX-Consul-Index: 9\r\nContent-Length: 1\r\n\r\n[",
+        // A row that is not a check.
+        b"HTTP/1.1 200 OK\r\nX-Consul-Index: 9\r\nContent-Length: 3\r\n\r\n[1]",
+    ];
+    for answer in answers {
+        let addr = canned_agent(answer).await;
+        let c = discovery::Client::new(discovery::ClientConfig::new(&addr.to_string()).unwrap());
+        let mut fold = FingerprintFold::default();
+        let got = c
+            .health_state_stream("any", 0, None, |chunk| fold.feed(chunk))
+            .await
+            .and_then(|(fed, _)| {
+                assert!(fed);
+                fold.finish()
+            });
+        assert!(
+            got.is_err(),
+            "{:?} gave {got:?}",
+            String::from_utf8_lossy(answer)
+        );
+    }
+    // The well-formed answer of the same shape folds.
+    let ok: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nX-Consul-Index: 9\r\nContent-Length: {}\r\n\r\n[{row}]",
+            row.len() + 2
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let addr = canned_agent(ok).await;
+    let c = discovery::Client::new(discovery::ClientConfig::new(&addr.to_string()).unwrap());
+    let mut fold = FingerprintFold::default();
+    let (fed, meta) = c
+        .health_state_stream("any", 0, None, |chunk| fold.feed(chunk))
+        .await
+        .unwrap();
+    assert!(fed && meta.index == 9);
+    assert_eq!(fold.finish().unwrap()["a"].1, 3);
+}
+
 fn tagged(id: &str, name: &str, tag: &str) -> discovery::wire::ServiceRegistration {
     let mut r = service(id, name, 9001);
     r.tags = vec![tag.into()];

@@ -43,6 +43,7 @@ use super::{
 };
 use crate::client::{Client, HealthQuery, QueryMeta};
 use crate::error::{chain, Error};
+use crate::json_rows::ArrayRows;
 use crate::wire::ServiceEntry;
 use crate::Instance;
 
@@ -155,16 +156,13 @@ impl CatalogWatch {
             move |index, wait| {
                 let c = c.clone();
                 async move {
-                    let (body, meta) = c.health_state_raw("any", index, Some(wait)).await?;
-                    // Decoded here, borrowing from the body, and reduced to one entry per
-                    // service before it goes to the coordinator.
-                    let prints = match body {
-                        Some(b) => Some(fingerprints(
-                            &serde_json::from_slice::<Vec<CheckRow>>(&b).map_err(Error::Decode)?,
-                        )),
-                        None => None,
-                    };
-                    Ok((prints, meta))
+                    // Reduced to one entry per service as the answer arrives: the 5.5 MB of
+                    // 10,000 checks are never held whole.
+                    let mut fold = FingerprintFold::default();
+                    let (fed, meta) = c
+                        .health_state_stream("any", index, Some(wait), |chunk| fold.feed(chunk))
+                        .await?;
+                    Ok((if fed { Some(fold.finish()?) } else { None }, meta))
                 }
             },
             |services, index| Event::Health { services, index },
@@ -251,27 +249,73 @@ pub struct CheckRow<'a> {
 /// `ModifyIndex` among them.
 pub type Fingerprints = HashMap<String, (u64, u64)>;
 
-/// The [`Fingerprints`] of a `health/state/any` answer. Node checks (no service) are left
-/// out: they move every service's index, not one service's instances.
-pub fn fingerprints(checks: &[CheckRow<'_>]) -> Fingerprints {
-    let mut by_service: HashMap<&str, (DefaultHasher, u64)> = HashMap::new();
-    let mut sorted: Vec<&CheckRow> = checks.iter().collect();
-    sorted.sort_by(|a, b| (&a.check_id, &a.service_id).cmp(&(&b.check_id, &b.service_id)));
-    for c in sorted {
-        if c.service_name.is_empty() {
-            continue;
-        }
-        let e = by_service
-            .entry(&c.service_name)
-            .or_insert_with(|| (DefaultHasher::new(), 0));
-        (&c.check_id, &c.service_id, &c.status, c.modify_index).hash(&mut e.0);
-        c.service_tags.hash(&mut e.0);
-        e.1 = e.1.max(c.modify_index);
+/// Folds `health/state/any` rows into [`Fingerprints`], one row at a time, in any order. Node
+/// checks (no service) are left out: they move every service's index, not one service's
+/// instances.
+#[derive(Debug, Default)]
+pub struct FingerprintFold {
+    rows: ArrayRows,
+    /// Per service: the sum and the xor of its checks' hashes (neither depends on the order
+    /// of the rows), their number, and the highest `ModifyIndex`.
+    by_service: HashMap<String, [u64; 4]>,
+}
+
+impl FingerprintFold {
+    /// Feeds the next bytes of the JSON answer.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        let by_service = &mut self.by_service;
+        self.rows.feed(chunk, |bytes| {
+            let row: CheckRow = serde_json::from_slice(bytes).map_err(Error::Decode)?;
+            fold_row(by_service, &row);
+            Ok(())
+        })
     }
+
+    /// The fingerprints, once the whole answer was fed.
+    pub fn finish(self) -> Result<Fingerprints, Error> {
+        self.rows.finish()?;
+        Ok(prints(self.by_service))
+    }
+}
+
+fn prints(by_service: HashMap<String, [u64; 4]>) -> Fingerprints {
     by_service
         .into_iter()
-        .map(|(n, (h, m))| (n.to_string(), (h.finish(), m)))
+        .map(|(n, [sum, xor, count, max_modify])| {
+            let mut h = DefaultHasher::new();
+            (sum, xor, count).hash(&mut h);
+            (n, (h.finish(), max_modify))
+        })
         .collect()
+}
+
+fn fold_row(by_service: &mut HashMap<String, [u64; 4]>, c: &CheckRow<'_>) {
+    if c.service_name.is_empty() {
+        return;
+    }
+    let mut h = DefaultHasher::new();
+    (&c.check_id, &c.service_id, &c.status, c.modify_index).hash(&mut h);
+    c.service_tags.hash(&mut h);
+    let h = h.finish();
+    let acc = match by_service.get_mut(c.service_name.as_ref()) {
+        Some(acc) => acc,
+        None => by_service
+            .entry(c.service_name.to_string())
+            .or_insert([0; 4]),
+    };
+    acc[0] = acc[0].wrapping_add(h);
+    acc[1] ^= h;
+    acc[2] += 1;
+    acc[3] = acc[3].max(c.modify_index);
+}
+
+/// The [`Fingerprints`] of decoded rows (as [`FingerprintFold`] gives for their JSON).
+pub fn fingerprints(checks: &[CheckRow<'_>]) -> Fingerprints {
+    let mut by_service = HashMap::new();
+    for c in checks {
+        fold_row(&mut by_service, c);
+    }
+    prints(by_service)
 }
 
 enum Event {
@@ -941,6 +985,55 @@ mod tests {
             9,
         );
         assert_eq!(c.dirty, ["a", "b"].map(String::from).into());
+    }
+
+    #[test]
+    fn the_streamed_fold_matches_the_decoded_rows_in_any_order_and_chunking() {
+        let rows = [
+            check("a", "a1", 3),
+            check("b", "b1", 4),
+            check("a", "a2", 9),
+            CheckRow {
+                check_id: "serfHealth".into(),
+                ..check("", "", 2)
+            },
+        ];
+        let json = |rows: &[&CheckRow]| {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"Node": "n", "CheckID": r.check_id, "Status": r.status,
+                        "Output": "a \"quoted\", [odd] {output}", "ServiceID": r.service_id,
+                        "ServiceName": r.service_name, "ServiceTags": r.service_tags,
+                        "ModifyIndex": r.modify_index})
+                })
+                .collect();
+            serde_json::to_vec(&v).unwrap()
+        };
+        let expected = fingerprints(&rows);
+        assert_eq!(expected.len(), 2);
+        assert_eq!(expected["a"].1, 9);
+        let forward = json(&rows.iter().collect::<Vec<_>>());
+        let backward = json(&rows.iter().rev().collect::<Vec<_>>());
+        for body in [&forward, &backward] {
+            for size in [1, 7, 100, body.len()] {
+                let mut fold = FingerprintFold::default();
+                for chunk in body.chunks(size) {
+                    fold.feed(chunk).unwrap();
+                }
+                assert_eq!(fold.finish().unwrap(), expected, "chunks of {size}");
+            }
+        }
+        // A status change moves only its service's print.
+        let mut changed = rows.clone();
+        changed[1].status = "critical".into();
+        let after = fingerprints(&changed);
+        assert_eq!(after["a"], expected["a"]);
+        assert_ne!(after["b"], expected["b"]);
+        // A cut answer is an error, not a smaller catalog.
+        let mut fold = FingerprintFold::default();
+        fold.feed(&forward[..forward.len() - 1]).unwrap();
+        assert!(fold.finish().is_err());
     }
 
     #[test]
