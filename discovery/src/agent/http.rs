@@ -19,7 +19,8 @@ use super::bounds;
 use super::decode::{self, CheckDef};
 use super::fields;
 use super::filter::{self, Filter};
-use super::state::{self, Probe, Store, CRITICAL, PASSING, WARNING};
+use super::json;
+use super::state::{self, CheckRow, Probe, Store, CRITICAL, PASSING, WARNING};
 use super::{Shared, Topic};
 use crate::wire::{
     AgentService, CatalogService, HealthCheck, Member, NodeService, ServiceEntry,
@@ -201,34 +202,8 @@ fn empty_ok() -> Resp {
     Response::new(Full::new(Bytes::new()))
 }
 
-/// Consul in dev mode pretty-prints with four spaces and a trailing newline, and Go's
-/// encoder escapes `<`, `>` and `&` inside strings.
-fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    // Serializing our own wire types into memory cannot fail: no maps with non-string keys.
-    if value.serialize(&mut ser).is_err() {
-        return b"null\n".to_vec();
-    }
-    out.push(b'\n');
-    if !out.iter().any(|b| matches!(b, b'<' | b'>' | b'&')) {
-        return out;
-    }
-    let mut escaped = Vec::with_capacity(out.len() + 16);
-    for b in out {
-        match b {
-            b'<' => escaped.extend_from_slice(b"\\u003c"),
-            b'>' => escaped.extend_from_slice(b"\\u003e"),
-            b'&' => escaped.extend_from_slice(b"\\u0026"),
-            b => escaped.push(b),
-        }
-    }
-    escaped
-}
-
 fn json_resp<T: Serialize>(value: &T) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(encode_json(value))));
+    let mut r = Response::new(Full::new(Bytes::from(json::encode(value))));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -455,13 +430,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             }
             let name = c.tail.clone();
             blocking(c, Topic::Service(name.clone()), fields::HEALTH_CHECK, move |s, f| {
-                let mut checks: Vec<HealthCheck> = s
-                    .instances_of(&name)
-                    .flat_map(|r| s.checks_of(&r.svc.id))
-                    .map(|r| r.hc.clone())
-                    .collect();
-                checks.sort_by(|a, b| a.check_id.cmp(&b.check_id));
-                Ok((filter::retain(f, checks)?, s.service_index(&name)))
+                health_checks(s, &name, f)
             })
             .await
         }
@@ -471,12 +440,7 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
             }
             let node = c.tail.clone();
             blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
-                let checks: Vec<HealthCheck> = if node == s.node.name {
-                    s.checks.values().map(|r| r.hc.clone()).collect()
-                } else {
-                    Vec::new()
-                };
-                Ok((filter::retain(f, checks)?, s.checks_table_index()))
+                health_node(s, &node, f)
             })
             .await
         }
@@ -489,36 +453,14 @@ async fn dispatch(route: Route, c: &Ctx) -> HResult {
                 return Err(fail(400, "Bad check state"));
             }
             blocking(c, Topic::All, fields::HEALTH_CHECK, move |s, f| {
-                let checks: Vec<HealthCheck> = s
-                    .checks
-                    .values()
-                    .filter(|r| state == "any" || r.hc.status == state)
-                    .map(|r| r.hc.clone())
-                    .collect();
-                Ok((filter::retain(f, checks)?, s.checks_table_index()))
+                health_state(s, &state, f)
             })
             .await
         }
         Route::CatalogServices => {
             let meta = node_meta_filter(&c.query);
             blocking(c, Topic::All, fields::SERVICE_NODE, move |s, f| {
-                let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-                if node_matches(s, &meta) {
-                    let node = s.node_wire();
-                    for r in s.services.values() {
-                        // Consul filters the service nodes (`ServiceNode` selectors), then
-                        // lists what is left.
-                        if let Some(f) = f {
-                            if !f.matches(&catalog_service(&node, &r.svc))? {
-                                continue;
-                            }
-                        }
-                        out.entry(r.svc.service.clone())
-                            .or_default()
-                            .extend(r.svc.tags.iter().cloned());
-                    }
-                }
-                Ok((out, s.services_table_index()))
+                catalog_services(s, &meta, f)
             })
             .await
         }
@@ -663,6 +605,113 @@ fn catalog_service(node: &crate::wire::Node, svc: &NodeService) -> CatalogServic
     }
 }
 
+/// `catalog/services`: each service's name and the union of its instances' tags.
+fn catalog_services(
+    s: &Store,
+    meta: &[(String, String)],
+    f: Option<&Filter>,
+) -> Result<(BTreeMap<String, BTreeSet<String>>, u64), Fail> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if node_matches(s, meta) {
+        let node = s.node_wire();
+        // The name and tags of the last row listed. Rows come in ID order, where a service's
+        // instances usually follow one another with the same tags: such a row adds nothing,
+        // and looking it up in `out` cost most of a render of a large catalog.
+        let mut last: Option<(&str, &[String])> = None;
+        for r in s.services.values() {
+            // Consul filters the service nodes (`ServiceNode` selectors), then lists what is
+            // left.
+            if let Some(f) = f {
+                if !f.matches(&catalog_service(&node, &r.svc))? {
+                    continue;
+                }
+            }
+            let row = (r.svc.service.as_str(), r.svc.tags.as_slice());
+            if last == Some(row) {
+                continue;
+            }
+            last = Some(row);
+            // Clone only the names and tags not listed yet.
+            let tags = match out.get_mut(row.0) {
+                Some(tags) => tags,
+                None => out.entry(row.0.to_string()).or_default(),
+            };
+            for t in row.1 {
+                if !tags.contains(t) {
+                    tags.insert(t.clone());
+                }
+            }
+        }
+    }
+    Ok((out, s.services_table_index()))
+}
+
+/// `health/checks/:service`: the checks of the service's instances, by check ID.
+fn health_checks(s: &Store, name: &str, f: Option<&Filter>) -> Result<(json::Elements, u64), Fail> {
+    let mut checks: Vec<&CheckRow> = s
+        .instances_of(name)
+        .flat_map(|r| s.checks_of(&r.svc.id))
+        .collect();
+    checks.sort_by(|a, b| a.hc().check_id.cmp(&b.hc().check_id));
+    Ok((check_elements(checks, f)?, s.service_index(name)))
+}
+
+/// `health/node/:node`: every check of the node, by check ID; none for another node.
+fn health_node(s: &Store, node: &str, f: Option<&Filter>) -> Result<(json::Elements, u64), Fail> {
+    let checks = if node == s.node.name {
+        check_elements(s.checks.values(), f)?
+    } else {
+        json::Elements::default()
+    };
+    Ok((checks, s.checks_table_index()))
+}
+
+/// `health/state/:state`: the checks in `state` (all of them for `any`), by check ID.
+fn health_state(s: &Store, state: &str, f: Option<&Filter>) -> Result<(json::Elements, u64), Fail> {
+    let checks = s
+        .checks
+        .values()
+        .filter(|r| state == "any" || r.hc().status == state);
+    Ok((check_elements(checks, f)?, s.checks_table_index()))
+}
+
+/// The rows `filter` selects, in order, as a JSON array of `HealthCheck`s: the bytes of
+/// encoding clones of them, without the clones, and encoding again only the rows that changed
+/// since the last read.
+fn check_elements<'a>(
+    rows: impl IntoIterator<Item = &'a CheckRow>,
+    filter: Option<&Filter>,
+) -> Result<json::Elements, Fail> {
+    let mut out = Vec::new();
+    for r in rows {
+        if let Some(f) = filter {
+            if !f.matches(r.hc())? {
+                continue;
+            }
+        }
+        out.push(r.element());
+    }
+    Ok(json::Elements(out))
+}
+
+/// What a blocking view answers, encoded after the store lock is released; `Default` is the
+/// empty answer (`?peer=`).
+trait Answer: Default {
+    fn encode(&self) -> Vec<u8>;
+}
+
+impl<T: Serialize + Default> Answer for T {
+    fn encode(&self) -> Vec<u8> {
+        json::encode(self)
+    }
+}
+
+impl Answer for json::Elements {
+    fn encode(&self) -> Vec<u8> {
+        json::Elements::encode(self)
+    }
+}
+
 /// Blocking-query parameters, validated like Consul's `parseWait` and `parseConsistency`.
 struct Blocking {
     index: u64,
@@ -759,7 +808,7 @@ fn parse_blocking(c: &Ctx, fields: &[filter::Field]) -> Result<Blocking, Fail> {
 /// peers, and Consul answers a peer it does not know with nothing, never the local data.
 async fn blocking<T, F>(c: &Ctx, topic: Topic, fields: &[filter::Field], view: F) -> HResult
 where
-    T: Serialize + Default,
+    T: Answer,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
     let b = parse_blocking(c, fields)?;
@@ -782,7 +831,7 @@ where
         // read and the wait still wakes us.
         let seen = *sub.rx.borrow_and_update();
         let (body, index) = if b.peer {
-            (Bytes::from(encode_json(&T::default())), seen)
+            (Bytes::from(T::default().encode()), seen)
         } else {
             cached_view(c, &sub, seen, b.filter.as_ref(), &view)?
         };
@@ -833,7 +882,7 @@ fn cached_view<T, F>(
     view: &F,
 ) -> Result<(Bytes, u64), Fail>
 where
-    T: Serialize,
+    T: Answer,
     F: Fn(&Store, Option<&Filter>) -> Result<(T, u64), Fail>,
 {
     // One answer per read and version, shared by every reader the same change wakes.
@@ -848,7 +897,7 @@ where
         .renders
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Encode outside the store lock.
-    let body = Bytes::from(encode_json(&value));
+    let body = Bytes::from(value.encode());
     drop(value);
     if !sub.shared() {
         return Ok((body, index));
@@ -1224,7 +1273,7 @@ fn ttl_update(c: &Ctx, status: &str, output: String) -> HResult {
     let Some(row) = store
         .checks
         .get(&c.tail)
-        .filter(|r| r.hc.check_id != "serfHealth")
+        .filter(|r| r.hc().check_id != "serfHealth")
     else {
         return Err(unknown_check(&c.tail));
     };
@@ -1341,7 +1390,7 @@ fn agent_services(c: &Ctx) -> HResult {
 fn content_hash(svc: &AgentService) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    encode_json(svc).hash(&mut h);
+    json::encode(svc).hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
@@ -1407,7 +1456,7 @@ fn agent_checks(c: &Ctx) -> HResult {
         .checks
         .iter()
         .filter(|(id, _)| id.as_str() != "serfHealth")
-        .map(|(id, r)| (id.clone(), r.hc.clone()))
+        .map(|(id, r)| (id.clone(), r.hc().clone()))
         .collect();
     drop(store);
     Ok(json_resp(&filter::retain_values(filter.as_ref(), out)?))
@@ -1443,8 +1492,8 @@ fn agent_health(c: &Ctx, by_id: bool) -> HResult {
         let checks: Vec<HealthCheck> = store
             .checks
             .values()
-            .filter(|ch| ch.hc.service_id == r.svc.id)
-            .map(|ch| ch.hc.clone())
+            .filter(|ch| ch.hc().service_id == r.svc.id)
+            .map(|ch| ch.hc().clone())
             .collect();
         let status = crate::wire::aggregated_status(
             checks
@@ -1631,10 +1680,208 @@ mod tests {
         }
     }
 
+    /// A store with checks in every state, of two kinds, whose text needs escaping in JSON:
+    /// quotes, backslashes, control characters, the `<`, `>` and `&` Go escapes, non-ASCII.
+    fn varied_store() -> Store {
+        let mut s = Store::new(state::NodeInfo {
+            id: "6b2a4c1e-0000-4000-8000-000000000001".into(),
+            name: "node<1>&".into(),
+            address: "127.0.0.1".into(),
+            datacenter: "dc1".into(),
+            meta: BTreeMap::new(),
+        });
+        for (name, tags) in [
+            ("web", vec!["a&b", "v1"]),
+            ("db", vec![]),
+            ("api", vec!["<x>"]),
+        ] {
+            for n in 0..3u16 {
+                let id = format!("{name}-{n}");
+                let svc = NodeService {
+                    id: id.clone(),
+                    service: name.into(),
+                    tags: tags.iter().map(|t| t.to_string()).collect(),
+                    port: 8000 + n,
+                    ..Default::default()
+                };
+                let ttl = CheckDef {
+                    id: format!("service:{id}"),
+                    name: format!("Service '{name}' check"),
+                    notes: "\"quoted\" \\ <b> & \t\n\u{1} é 中 \u{2028}".into(),
+                    service_id: id.clone(),
+                    ttl: Duration::from_secs(30),
+                    ..Default::default()
+                };
+                let http = CheckDef {
+                    id: format!("{id}-http"),
+                    name: "HTTP <probe>".into(),
+                    service_id: id.clone(),
+                    http: "http://127.0.0.1/health?a=1&b=<2>".into(),
+                    header: [("X-A".to_string(), vec!["1&2".to_string()])].into(),
+                    interval: Duration::from_secs(10),
+                    timeout: Duration::from_secs(1),
+                    status: PASSING.into(),
+                    ..Default::default()
+                };
+                let checks = vec![
+                    (ttl.clone(), Probe::Ttl(ttl.ttl), None),
+                    (http.clone(), Probe::Http(http), None),
+                ];
+                s.register_service(svc, checks, false);
+            }
+        }
+        s.set_status("service:web-0", PASSING, "ok <fine> & \"well\"\n".into());
+        s.set_status("service:db-1", WARNING, "slow\\path\r\u{7f}".into());
+        s.set_status("service:api-2", PASSING, String::new());
+        s
+    }
+
+    /// `?filter=src` for items with `fields`; none for `""`.
+    fn test_filter(src: &str, fields: &[filter::Field]) -> Option<Filter> {
+        (!src.is_empty()).then(|| match Filter::parse_for(src, fields) {
+            Ok(f) => f,
+            Err(e) => panic!("bad filter {src}: {e}"),
+        })
+    }
+
+    /// The straightforward rendering: clones of the rows, filtered, then encoded.
+    fn reference(s: &Store, rows: Vec<&CheckRow>, f: Option<&Filter>) -> Vec<u8> {
+        let checks: Vec<HealthCheck> = rows.into_iter().map(|r| r.hc().clone()).collect();
+        let Ok(checks) = filter::retain(f, checks) else {
+            panic!("filter failed on {:?}", s.node.name);
+        };
+        json::encode(&checks)
+    }
+
+    /// Asserts every `health/state`, `health/node` and `health/checks` answer of `s` is the
+    /// reference's bytes, for each filter.
+    fn assert_checks_render_as_reference(s: &Store, when: &str) {
+        let filters = [
+            "",
+            r#"Notes contains "<b>""#,
+            "ServiceName == web",
+            r#"Status != passing and ServiceTags contains "a&b""#,
+            r#"Output matches "^ok <""#,
+            "CheckID == nothing",
+        ];
+        for src in filters {
+            let parsed = test_filter(src, fields::HEALTH_CHECK);
+            let f = parsed.as_ref();
+            let render = |r: Result<(json::Elements, u64), Fail>| match r {
+                Ok((elements, _)) => elements.encode(),
+                Err(Fail(code, msg)) => panic!("{when}, {src:?}: {code} {msg}"),
+            };
+            for state in ["any", PASSING, WARNING, CRITICAL] {
+                let rows = s
+                    .checks
+                    .values()
+                    .filter(|r| state == "any" || r.hc().status == state)
+                    .collect();
+                let got = render(health_state(s, state, f));
+                let want = reference(s, rows, f);
+                assert!(
+                    got == want,
+                    "{when}: health/state/{state}?filter={src}:\n{}\nwant\n{}",
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want)
+                );
+            }
+            let all = s.checks.values().collect();
+            assert!(render(health_node(s, &s.node.name, f)) == reference(s, all, f));
+            assert_eq!(render(health_node(s, "other", f)), b"[]\n");
+            let mut web: Vec<&CheckRow> = s
+                .checks
+                .values()
+                .filter(|r| r.hc().service_name == "web")
+                .collect();
+            web.sort_by(|a, b| a.hc().check_id.cmp(&b.hc().check_id));
+            assert!(render(health_checks(s, "web", f)) == reference(s, web, f));
+        }
+    }
+
     #[test]
-    fn json_is_pretty_and_html_escaped() {
-        let out = String::from_utf8(encode_json(&json!({"a": "<b>&"}))).unwrap_or_default();
-        assert_eq!(out, "{\n    \"a\": \"\\u003cb\\u003e\\u0026\"\n}\n");
+    fn check_answers_are_the_bytes_of_encoding_the_rows() {
+        let mut s = varied_store();
+        assert!(s.checks.values().any(|r| r.hc().status == WARNING));
+        assert_checks_render_as_reference(&s, "fresh");
+        // Each kind of change after the rows' encodings are kept: output alone (no index),
+        // a status, a re-registration with other notes, a removal.
+        s.set_status("service:web-0", PASSING, "other & <output>".into());
+        assert_checks_render_as_reference(&s, "output changed");
+        s.set_status("service:web-1", CRITICAL, "now \"critical\"".into());
+        s.set_status("service:db-1", PASSING, String::new());
+        assert_checks_render_as_reference(&s, "status changed");
+        let notes = CheckDef {
+            id: "service:api-0".into(),
+            name: "Service 'api' check".into(),
+            notes: "new <notes> & more".into(),
+            service_id: "api-0".into(),
+            ttl: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let svc = s
+            .services
+            .get("api-0")
+            .map(|r| r.svc.clone())
+            .unwrap_or_default();
+        s.register_service(
+            svc,
+            vec![(notes.clone(), Probe::Ttl(notes.ttl), None)],
+            false,
+        );
+        assert!(
+            s.checks.get("service:api-0").map(|r| r.hc().notes.as_str())
+                == Some("new <notes> & more")
+        );
+        assert_checks_render_as_reference(&s, "re-registered");
+        s.remove_check("service:web-2");
+        assert_checks_render_as_reference(&s, "removed");
+    }
+
+    #[test]
+    fn catalog_services_lists_every_row_as_the_plain_union_does() {
+        let mut s = varied_store();
+        // Names out of ID order, repeated apart, and instances of one name with other tags.
+        for (id, name, tags) in [
+            ("a-1", "web", vec!["v2"]),
+            ("a-2", "db", vec!["v2", "a&b"]),
+            ("a-3", "web", vec!["v2"]),
+            ("a-4", "web", vec![]),
+            ("a-5", "web", vec!["v1", "v3"]),
+            ("z-1", "cache", vec!["v2"]),
+        ] {
+            let svc = NodeService {
+                id: id.into(),
+                service: name.into(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            };
+            s.register_service(svc, Vec::new(), false);
+        }
+        let filters = [
+            "",
+            "ServiceTags contains v2",
+            "ServiceName != web",
+            "ServicePort == 8001",
+        ];
+        for src in filters {
+            let parsed = test_filter(src, fields::SERVICE_NODE);
+            let f = parsed.as_ref();
+            let node = s.node_wire();
+            let mut want: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for r in s.services.values() {
+                if f.is_some_and(|f| f.matches(&catalog_service(&node, &r.svc)) != Ok(true)) {
+                    continue;
+                }
+                want.entry(r.svc.service.clone())
+                    .or_default()
+                    .extend(r.svc.tags.iter().cloned());
+            }
+            match catalog_services(&s, &[], f) {
+                Ok((got, _)) => assert_eq!(got, want, "?filter={src}"),
+                Err(Fail(code, msg)) => panic!("?filter={src}: {code} {msg}"),
+            }
+        }
     }
 
     #[test]

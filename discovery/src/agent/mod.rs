@@ -9,6 +9,7 @@
 //! - [`state`]: the node, services, checks and Consul's indexes, behind one mutex.
 //! - [`decode`]: strict, Go-compatible decoding of registration bodies.
 //! - [`http`]: routes, handlers, blocking queries, Consul's exact status codes and texts.
+//! - [`json`]: Consul's JSON format, and arrays assembled from rows encoded ahead of time.
 //! - [`checks`]: HTTP/TCP/TTL check runners and the reaper.
 
 mod bounds;
@@ -18,6 +19,7 @@ mod decode;
 mod fields;
 mod filter;
 mod http;
+mod json;
 mod limit;
 mod state;
 
@@ -305,12 +307,12 @@ impl Shared {
         if row.generation != generation {
             return;
         }
-        let output = if row.hc.output.is_empty() || row.hc.output.starts_with("TTL expired") {
+        let output = if row.hc().output.is_empty() || row.hc().output.starts_with("TTL expired") {
             "TTL expired".to_string()
         } else {
             format!(
                 "TTL expired (last output before timeout follows): {}",
-                row.hc.output
+                row.hc().output
             )
         };
         if store.set_status(check_id, CRITICAL, output) {

@@ -12,13 +12,16 @@
 //! see them are woken (`Shared::notify`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::decode::CheckDef;
+use super::json;
 use crate::wire::{HealthCheck, Node, NodeService, ServiceAddress, Weights};
 
 /// The Consul version whose API the dev agent follows; shown where Consul shows its version.
@@ -52,7 +55,13 @@ pub(crate) enum Probe {
 
 /// A check row plus what keeps it running.
 pub(crate) struct CheckRow {
-    pub hc: HealthCheck,
+    /// Read through [`CheckRow::hc`]; changed only through [`CheckRow::hc_mut`], which drops
+    /// `element`.
+    hc: HealthCheck,
+    /// `hc` as an element of a JSON array answer (`json::array_element`), encoded by the first
+    /// read that needs it after each change: a read of every check of a large node then
+    /// encodes only the rows that changed since the last one.
+    element: OnceLock<Bytes>,
     pub probe: Probe,
     /// Identifies this row's runner; a result from an older runner is ignored.
     pub generation: u64,
@@ -72,6 +81,7 @@ impl CheckRow {
     fn fixed(hc: HealthCheck) -> Self {
         Self {
             hc,
+            element: OnceLock::new(),
             probe: Probe::Static,
             generation: 0,
             runner: None,
@@ -80,6 +90,24 @@ impl CheckRow {
             deregister_after: None,
             output_max: DEFAULT_OUTPUT_MAX,
         }
+    }
+
+    /// The check as reads show it.
+    pub fn hc(&self) -> &HealthCheck {
+        &self.hc
+    }
+
+    /// The row for a change: its encoded element no longer holds.
+    fn hc_mut(&mut self) -> &mut HealthCheck {
+        self.element.take();
+        &mut self.hc
+    }
+
+    /// The check as `json::array_element` encodes it; shares the bytes kept in the row.
+    pub fn element(&self) -> Bytes {
+        self.element
+            .get_or_init(|| json::array_element(&self.hc))
+            .clone()
     }
 }
 
@@ -478,16 +506,19 @@ impl Store {
         let Some(row) = self.checks.get_mut(check_id) else {
             return false;
         };
-        row.hc.output = output;
+        // A TTL kept alive with the same output (the usual heartbeat) keeps its encoding.
+        if row.hc.output != output {
+            row.hc_mut().output = output;
+        }
         if row.hc.status == status {
             return false;
         }
-        row.hc.status = status.to_string();
+        row.hc_mut().status = status.to_string();
         row.critical_since = (status == CRITICAL).then(Instant::now);
         let service = (!row.hc.service_name.is_empty()).then(|| row.hc.service_name.clone());
         let i = self.next_index();
         if let Some(row) = self.checks.get_mut(check_id) {
-            row.hc.modify_index = i;
+            row.hc_mut().modify_index = i;
         }
         self.touch(service.as_deref(), false, true, i);
         true
@@ -568,6 +599,7 @@ impl Store {
             _ => None,
         };
         CheckRow {
+            element: OnceLock::new(),
             hc: HealthCheck {
                 node: self.node.name.clone(),
                 check_id: def.id.clone(),
