@@ -443,7 +443,8 @@ async fn scenario(b: &Bench, name: &str, extra: &[&str]) -> Result<(), Error> {
         hwm_routed / 1024
     );
     println!(
-        "peak after idle / {TRIES} changes / /status  {} / {} / {} MiB",
+        "peak after idle / the {} changes / /status  {} / {} / {} MiB",
+        TRIES * 4,
         hwm_idle / 1024,
         hwm_changes / 1024,
         hwm_status / 1024
