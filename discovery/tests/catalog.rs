@@ -89,6 +89,38 @@ async fn a_streamed_health_answer_folds_to_the_prints_of_the_whole_answer() {
     assert!(!fed);
 }
 
+#[tokio::test]
+async fn a_single_connection_survives_a_sink_that_gives_up_mid_answer() {
+    let agent = Agent::start_quick().await;
+    let c = agent.client().single_connection();
+    for i in 0..300 {
+        let mut r = service(&format!("s{i}"), "web", 9001);
+        r.check = Some(discovery::wire::CheckDefinition {
+            ttl: Some("1h".into()),
+            status: Some("passing".into()),
+            ..Default::default()
+        });
+        c.register(&r).await.unwrap();
+    }
+    let mut seen = 0;
+    let r = c
+        .health_state_stream("any", 0, None, |chunk| {
+            seen += chunk.len();
+            Err(discovery::Error::Transport("the sink gave up".into()))
+        })
+        .await;
+    assert!(r.is_err() && seen > 0);
+    // The half-read answer is not mistaken for the next one: the connection is replaced.
+    let (entries, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.health_service("web", &common::passing()),
+    )
+    .await
+    .expect("answered in time")
+    .unwrap();
+    assert_eq!(entries.len(), 300);
+}
+
 /// An agent (or something in its place) that answers every request with `answer`.
 async fn canned_agent(answer: &'static [u8]) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
