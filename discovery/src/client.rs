@@ -177,11 +177,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-struct Answer {
-    headers: HeaderMap,
-    body: Bytes,
-}
-
 impl Client {
     /// A client for the agent described by `config`.
     pub fn new(config: ClientConfig) -> Self {
@@ -278,22 +273,18 @@ impl Client {
         path_and_query: &str,
         body: Option<Vec<u8>>,
         timeout: Duration,
-    ) -> Result<Answer, Error> {
+    ) -> Result<Bytes, Error> {
         let mut buf = Vec::new();
         let into = &mut buf;
-        let headers = self
-            .exchange(method, path_and_query, body, timeout, move |h| {
-                into.reserve(content_length(h).unwrap_or(0).min(MAX_BODY));
-                Some(move |chunk: &[u8]| {
-                    into.extend_from_slice(chunk);
-                    Ok(())
-                })
+        self.exchange(method, path_and_query, body, timeout, move |h| {
+            into.reserve(content_length(h).unwrap_or(0).min(MAX_BODY));
+            Some(move |chunk: &[u8]| {
+                into.extend_from_slice(chunk);
+                Ok(())
             })
-            .await?;
-        Ok(Answer {
-            headers,
-            body: Bytes::from(buf),
         })
+        .await?;
+        Ok(Bytes::from(buf))
     }
 
     /// Sends a request and hands a 200 answer's body, chunk by chunk as it arrives, to the
@@ -373,7 +364,7 @@ impl Client {
         let a = self
             .call(Method::GET, path_and_query, None, self.config.timeout)
             .await?;
-        serde_json::from_slice(&a.body).map_err(Error::Decode)
+        serde_json::from_slice(&a).map_err(Error::Decode)
     }
 
     /// A blocking read: adds `index`/`wait` and a deadline that outlasts Consul's jitter.
@@ -421,24 +412,27 @@ impl Client {
         wait: Option<Duration>,
         skip_unchanged: bool,
     ) -> Result<(Option<Bytes>, QueryMeta), Error> {
-        let (pq, timeout) = self.blocking_target(path, query, index, wait);
-        let a = self.call(Method::GET, &pq, None, timeout).await?;
-        let meta = query_meta(&a.headers);
-        if skip_unchanged && index > 0 && meta.index == index {
-            return Ok((None, meta));
-        }
-        Ok((Some(a.body), meta))
+        let mut body = Vec::new();
+        let (fed, meta) = self
+            .blocking_stream(path, query, index, wait, skip_unchanged, |chunk| {
+                body.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok((fed.then(|| Bytes::from(body)), meta))
     }
 
     /// A blocking read whose body goes to `sink` chunk by chunk as it arrives, never held
-    /// whole: for answers of megabytes that the caller only reduces. An answer at `index`
-    /// (the wait ran out with nothing new) is not handed over: `false`.
+    /// whole: for answers of megabytes that the caller only reduces. With `skip_unchanged`, an
+    /// answer at `index` (the wait ran out with nothing new) is read past, not handed over:
+    /// `false`.
     async fn blocking_stream(
         &self,
         path: &str,
         query: String,
         index: u64,
         wait: Option<Duration>,
+        skip_unchanged: bool,
         sink: impl FnMut(&[u8]) -> Result<(), Error>,
     ) -> Result<(bool, QueryMeta), Error> {
         let (pq, timeout) = self.blocking_target(path, query, index, wait);
@@ -446,9 +440,9 @@ impl Client {
         let fed_flag = &mut fed;
         let headers = self
             .exchange(Method::GET, &pq, None, timeout, move |h| {
-                let unchanged = index > 0 && query_meta(h).index == index;
-                *fed_flag = !unchanged;
-                (!unchanged).then_some(sink)
+                let skip = skip_unchanged && index > 0 && query_meta(h).index == index;
+                *fed_flag = !skip;
+                (!skip).then_some(sink)
             })
             .await?;
         Ok((fed, query_meta(&headers)))
@@ -613,7 +607,7 @@ impl Client {
         sink: impl FnMut(&[u8]) -> Result<(), Error>,
     ) -> Result<(bool, QueryMeta), Error> {
         let path = format!("/v1/health/state/{}", enc(state));
-        self.blocking_stream(&path, String::new(), index, wait, sink)
+        self.blocking_stream(&path, String::new(), index, wait, true, sink)
             .await
     }
 

@@ -95,7 +95,7 @@ impl ArrayRows {
                         }
                     }
                     b' ' | b'\t' | b'\n' | b'\r' => {}
-                    _ => return Err(bad(format!("starts with {:?}", char::from(b))).into()),
+                    _ => return Err(RowsError(format!("starts with {:?}", char::from(b))).into()),
                 },
                 Place::Between {
                     expect_element,
@@ -110,7 +110,7 @@ impl ArrayRows {
                         }
                     }
                     b']' | b',' => {
-                        return Err(bad(format!("unexpected {:?}", char::from(b))).into())
+                        return Err(RowsError(format!("unexpected {:?}", char::from(b))).into())
                     }
                     _ if expect_element => {
                         self.place = Place::Element;
@@ -118,7 +118,7 @@ impl ArrayRows {
                         // Seen again as the element's first byte.
                         continue;
                     }
-                    _ => return Err(bad("missing comma between elements".into()).into()),
+                    _ => return Err(RowsError("missing comma between elements".into()).into()),
                 },
                 // Most of a row's bytes are inside strings: skip to the next quote or
                 // backslash at once.
@@ -157,14 +157,14 @@ impl ArrayRows {
                 },
                 Place::Done => match b {
                     b' ' | b'\t' | b'\n' | b'\r' => {}
-                    _ => return Err(bad("bytes after the array".into()).into()),
+                    _ => return Err(RowsError("bytes after the array".into()).into()),
                 },
             }
             i += 1;
         }
         if self.place == Place::Element {
             if self.carry.len() + (chunk.len() - start) > MAX_ROW {
-                return Err(bad(format!("an element longer than {MAX_ROW} bytes")).into());
+                return Err(RowsError(format!("an element longer than {MAX_ROW} bytes")).into());
             }
             self.carry.extend_from_slice(&chunk[start..]);
         }
@@ -186,7 +186,7 @@ impl ArrayRows {
             return row(tail);
         }
         if self.carry.len() + tail.len() > MAX_ROW {
-            return Err(bad(format!("an element longer than {MAX_ROW} bytes")).into());
+            return Err(RowsError(format!("an element longer than {MAX_ROW} bytes")).into());
         }
         self.carry.extend_from_slice(tail);
         let r = row(&self.carry);
@@ -199,13 +199,9 @@ impl ArrayRows {
     pub fn finish(&self) -> Result<usize, RowsError> {
         match self.place {
             Place::Done => Ok(self.rows),
-            _ => Err(bad("the answer ended inside the array".into())),
+            _ => Err(RowsError("the answer ended inside the array".into())),
         }
     }
-}
-
-fn bad(why: String) -> RowsError {
-    RowsError(why)
 }
 
 #[cfg(test)]
